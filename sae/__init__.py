@@ -1,1 +1,16 @@
-"""Sparse autoencoders."""
+"""Sparse autoencoders trained on cached residual activations: standard and matrix-binding.
+
+    import sae
+    m = sae.TopKSAE(d_in=64, n_latents=1024, k=8)
+    out = m(x)                      # out.x_hat, out.codes, out.loss, out.losses
+    sae.train(m, data, steps=1000, batch_size=1024, lr=1e-3, seed=0)
+    m.save("dir"); m2 = sae.load("dir")
+"""
+from .base import SAE, Code, SAEConfig, SAEOutput
+from .batchtopk import BatchTopKSAE
+from .jumprelu import JumpReLUSAE
+from .relu import ReLUSAE
+from .io import load, save
+from .topk import TopKSAE
+
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "load", "save"]

@@ -1,0 +1,290 @@
+"""The base class every SAE shares: parameters, encode/decode, loss parts, decoder-norm handling.
+
+An SAE maps x (B, d_in) to codes z (B, n_total) and back:
+    pre   = (x - b_dec) @ W_enc + b_enc          (SAELens orientation: W_enc is (d_in, n_total))
+    z     = activation(pre)                      (the only thing architectures disagree on)
+    x_hat = z @ W_dec + b_dec                    (W_dec is (n_total, d_in); structured SAEs override)
+Codes travel as a `Code`: sparse (values, indices) for the TopK family, so the hot path never builds
+a B x n dense tensor, or dense (B, n_total) when the number of active latents varies per row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    n_latents: int
+    # Unit-norm decoder rows, with the gradient's component along each row removed before the step,
+    # so sparsity cannot be bought by shrinking codes and growing the decoder.
+    normalize_decoder: bool = True
+    # W_enc starts as W_dec^T: latents begin as matched-filter detectors of their own atoms.
+    init_encoder_from_decoder: bool = True
+    # Norm of decoder rows at initialisation (ReLU SAEs with norm-weighted L1 start small).
+    decoder_init_norm: float = 1.0
+    # A latent that has not fired for this many training tokens counts as dead.
+    dead_tokens: int = 10_000_000
+
+    @property
+    def n_total(self) -> int:
+        return self.n_latents
+
+    def __post_init__(self):
+        for name in ("d_in", "n_latents", "dead_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.decoder_init_norm > 0:
+            raise ValueError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm!r}")
+
+
+@dataclass
+class Code:
+    """Codes for a batch: sparse (values, indices), each (B, k), or dense values (B, n_total)."""
+
+    values: Tensor
+    indices: Tensor | None
+    n_total: int
+    # Architecture-specific by-products of encoding that losses need (e.g. JumpReLU's L0).
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.indices is not None
+
+    def dense(self) -> Tensor:
+        if self.indices is None:
+            return self.values
+        zeros = self.values.new_zeros(self.values.shape[0], self.n_total)
+        return zeros.scatter(1, self.indices, self.values)
+
+    def active(self) -> Tensor:
+        """(n_total,) bool: which latents fired (value > 0) anywhere in the batch."""
+        if self.indices is None:
+            return (self.values > 0).any(0)
+        fired = torch.zeros(self.n_total, dtype=torch.bool, device=self.values.device)
+        return fired.index_fill_(0, self.indices[self.values > 0], True)
+
+    def l0(self) -> Tensor:
+        """Mean number of active latents per row."""
+        return (self.values > 0).sum(-1).float().mean()
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor
+    code: Code
+    # Named loss parts, already weighted; `loss` is their sum. "sparsity" is the part a
+    # sparsity-coefficient warm-up scales.
+    losses: dict[str, Tensor]
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())
+
+    @property
+    def codes(self) -> Tensor:
+        return self.code.dense()
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set `architecture`, `Config`, and implement `encode_code`."""
+
+    architecture: ClassVar[str] = ""
+    Config: ClassVar[type[SAEConfig]] = SAEConfig
+    registry: ClassVar[dict[str, type[SAE]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("architecture"):
+            SAE.registry[cls.architecture] = cls
+
+    def __init__(self, d_in: int, n_latents: int, **options):
+        super().__init__()
+        known = {f.name for f in fields(self.Config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no option {', '.join(unknown)}; "
+                f"options are {', '.join(sorted(known - {'d_in', 'n_latents'}))}"
+            )
+        self.cfg = self.Config(d_in=d_in, n_latents=n_latents, **options)
+        self.W_enc = nn.Parameter(torch.empty(d_in, self.n_total))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_total))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.init_decoder()
+        self.reset_encoder()
+        # Training-time state, saved in checkpoints but not in exported dictionaries.
+        self.register_buffer("tokens_since_fired", torch.zeros(self.n_total, dtype=torch.long))
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def n_total(self) -> int:
+        """Width of the code vector (n_slots * n_latents for structured SAEs)."""
+        return self.cfg.n_total
+
+    def init_decoder(self):
+        """Create the decoder parameters. Structured SAEs override this."""
+        self.W_dec = nn.Parameter(self._random_rows(self.n_total, self.d_in))
+
+    def decoder_rows(self) -> nn.Parameter:
+        """The parameter whose rows are dictionary atoms (normalised, folded, re-initialised)."""
+        return self.W_dec
+
+    def _random_rows(self, n: int, d: int) -> Tensor:
+        rows = torch.randn(n, d)
+        return rows / rows.norm(dim=1, keepdim=True) * self.cfg.decoder_init_norm
+
+    @torch.no_grad()
+    def reset_encoder(self):
+        if self.cfg.init_encoder_from_decoder:
+            self.W_enc.copy_(self.flat_decoder().T)
+        else:
+            nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
+
+    def flat_decoder(self) -> Tensor:
+        """(n_total, d_in) decoder matrix; structured SAEs materialise it (export only)."""
+        return self.W_dec
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_code(self, x: Tensor) -> Code:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x (B, d_in) -> dense codes (B, n_total), zeros where inactive."""
+        self._check_input(x)
+        return self.encode_code(x).dense()
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Dense codes (B, n_total) -> x_hat (B, d_in)."""
+        if codes.ndim != 2 or codes.shape[1] != self.n_total:
+            raise ValueError(f"codes must have shape (batch, {self.n_total}), got {tuple(codes.shape)}")
+        return self.decode_code(Code(codes, None, self.n_total))
+
+    def decode_code(self, code: Code) -> Tensor:
+        if code.is_sparse:
+            return self.decode_sparse(code.values, code.indices) + self.b_dec
+        return self.decode_dense(code.values) + self.b_dec
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """sum_j values[b, j] * decoder[indices[b, j]], without b_dec."""
+        return kernels.sparse_decode(values, indices, self.W_dec)
+
+    def decode_dense(self, codes: Tensor) -> Tensor:
+        return codes @ self.W_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        self._check_input(x)
+        code = self.encode_code(x)
+        x_hat = self.decode_code(code)
+        losses = {"mse": (x_hat - x).pow(2).sum(-1).mean()}
+        losses.update(self.extra_losses(x, x_hat, code))
+        if self.training:
+            self._track_firing(code, x.shape[0])
+        return SAEOutput(x_hat, code, losses)
+
+    def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+        """Sparsity penalty ("sparsity") and auxiliary losses; none by default."""
+        return {}
+
+    def _check_input(self, x: Tensor):
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"input must have shape (batch, {self.d_in}), got {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def _track_firing(self, code: Code, n_tokens: int):
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[code.active()] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    # ---- training-time weight handling -----------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        if self.cfg.normalize_decoder:
+            rows = self.decoder_rows()
+            rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        """Project out the gradient component along each (unit-norm) decoder row."""
+        rows = self.decoder_rows()
+        if self.cfg.normalize_decoder and rows.grad is not None:
+            rows.grad -= (rows.grad * rows).sum(1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def init_b_dec_(self, x: Tensor, method: str = "geometric_median"):
+        """Start b_dec at the data's centre so early latents model deviations, not the mean."""
+        if method == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.float()))
+        elif method == "mean":
+            self.b_dec.copy_(x.float().mean(0))
+        elif method != "zeros":
+            raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {method!r}")
+
+    @torch.no_grad()
+    def fold_activation_scale_(self, scale: float):
+        """Make a model trained on scale * x work on raw x, with identical codes.
+
+        pre = (s x - b) W + c = (x - b/s)(s W) + c, and x_hat_raw = x_hat / s: so W_enc *= s,
+        b_dec /= s, decoder /= s. Thresholds act on pre-activations and stay as they are.
+        """
+        self.W_enc.mul_(scale)
+        self.b_dec.div_(scale)
+        self.decoder_rows().div_(scale)
+
+    # ---- export ----------------------------------------------------------------------------
+    def save(self, path, **kwargs):
+        """Write cfg.json + sae_weights.safetensors (see sae.io.save)."""
+        from .io import save
+
+        return save(self, path, **kwargs)
+
+    def export_state(self) -> dict[str, Tensor]:
+        """Weights under SAELens keys, for sae_weights.safetensors."""
+        return {"W_enc": self.W_enc, "W_dec": self.flat_decoder(), "b_enc": self.b_enc, "b_dec": self.b_dec}
+
+    def load_export_state(self, state: dict[str, Tensor]):
+        """Inverse of export_state (used by sae.load)."""
+        with torch.no_grad():
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(self, name).copy_(state[name])
+
+    def saelens_fields(self) -> dict:
+        """cfg.json fields SAELens needs to rebuild this SAE; {} when it has no equivalent."""
+        return {}
+
+
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        if (new - median).norm() < eps * (1 + median.norm()):
+            return new
+        median = new
+    return median

@@ -1,0 +1,65 @@
+"""BatchTopK SAE (Bussmann et al. 2024): keep the B*k largest activations of the whole batch.
+
+Tokens that need more latents get more, at the same average L0. Batch-level selection cannot run
+on one token at inference, so training also tracks a threshold (an EMA of the smallest selected
+activation) and inference keeps every activation above it: a JumpReLU with one shared threshold,
+which is how it is exported for SAELens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Code
+from .topk import TopKConfig, TopKFamily
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_lr: float = 0.01  # EMA rate of the inference threshold
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr!r}")
+
+
+class BatchTopKSAE(TopKFamily):
+    architecture = "batchtopk"
+    Config = BatchTopKConfig
+
+    def __init__(self, d_in: int, n_latents: int, **options):
+        super().__init__(d_in, n_latents, **options)
+        # Kept in float64: EMA updates of a small number lose precision in lower ones.
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+
+    def encode_code(self, x: Tensor) -> Code:
+        pre = self.pre_activations(x)
+        if not self.training:
+            return Code(pre.relu() * (pre > self.threshold), None, self.n_total)
+        acts = pre.relu().flatten()
+        top = acts.topk(min(self.cfg.k * x.shape[0], acts.numel()), sorted=False)
+        codes = torch.zeros_like(acts).scatter(0, top.indices, top.values).view_as(pre)
+        self._update_threshold(top.values)
+        return Code(codes, None, self.n_total)
+
+    @torch.no_grad()
+    def _update_threshold(self, selected: Tensor):
+        positive = selected[selected > 0]
+        if positive.numel():
+            lr = self.cfg.threshold_lr
+            self.threshold.mul_(1 - lr).add_(lr * positive.min().double())
+
+    def export_state(self) -> dict[str, Tensor]:
+        state = super().export_state()
+        state["threshold"] = torch.full_like(self.b_enc, float(self.threshold))
+        return state
+
+    def load_export_state(self, state: dict[str, Tensor]):
+        super().load_export_state(state)
+        self.threshold.fill_(float(state["threshold"].max()))
+
+    def saelens_fields(self) -> dict:
+        return {"architecture": "jumprelu"}

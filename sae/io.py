@@ -1,0 +1,231 @@
+"""Saving and loading: trained dictionaries (SAELens layout) and resumable training checkpoints.
+
+A dictionary directory holds
+    cfg.json                  SAELens fields (so SAELens' SAE.load_from_disk reads it) + our "sae" block
+    sae_weights.safetensors   W_enc, W_dec, b_enc, b_dec (+ threshold), SAELens keys and orientation
+    sparsity.safetensors      "sparsity": log10 feature density per latent (optional)
+Everything is written to a temporary directory first and renamed into place, so a crash never
+leaves a half-written directory that looks complete. Only safetensors and JSON are read: no pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .base import SAE
+
+FORMAT_VERSION = 1
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+# The SAELens version whose cfg.json layout we write (>= 6 skips its legacy-config conversion).
+SAELENS_LAYOUT_VERSION = "6.0.0"
+# SAELens architecture names -> ours, for directories SAELens saved.
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+
+
+class LoadError(ValueError):
+    """A directory or file that cannot be read as what it claims to be."""
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+def replace_dir(tmp: Path, final: Path):
+    """Move a finished temporary directory to `final`, replacing any previous version."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def temp_dir_beside(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def write_json(path: Path, obj):
+    """Atomically write JSON (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not Path(path).is_file():
+        raise LoadError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+# ---- dictionaries -----------------------------------------------------------------------------
+def save(model: SAE, path: str | os.PathLike, *, metadata: dict | None = None,
+         log_feature_density: Tensor | None = None) -> Path:
+    """Write a dictionary directory. `metadata` (model_name, hook_name, ...) goes to cfg.json."""
+    final = Path(path)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.export_state().items()}
+    cfg = {
+        "architecture": "standard",
+        "d_in": model.d_in,
+        "d_sae": model.n_total,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",  # any training-time scaling is folded into the weights
+        "reshape_activations": "none",
+        **model.saelens_fields(),
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION,
+                     "sae_lens_training_version": SAELENS_LAYOUT_VERSION, **(metadata or {})},
+        "sae": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
+                "config": model.config_dict()},
+    }
+    tmp = temp_dir_beside(final)
+    try:
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        if log_feature_density is not None:
+            save_file({"sparsity": log_feature_density.detach().float().cpu().contiguous()},
+                      str(tmp / SPARSITY_FILE))
+        write_json(tmp / CFG_FILE, cfg)
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Load any dictionary saved by `save`, or a SAELens-saved directory of the same architectures."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoadError(f"{path}: not a directory")
+    cfg = read_json(path / CFG_FILE)
+    state = read_safetensors(path / WEIGHTS_FILE)
+    if "sae" in cfg:
+        model = _from_our_cfg(path, cfg["sae"])
+    else:
+        model, state = _from_saelens_cfg(path, cfg, state)
+    expected = set(model.export_state())
+    if set(state) != expected:
+        raise LoadError(f"{path / WEIGHTS_FILE}: expected tensors {sorted(expected)}, found {sorted(state)}")
+    for name, tensor in model.export_state().items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise LoadError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, "
+                            f"cfg.json implies {tuple(tensor.shape)}")
+        if not torch.isfinite(state[name]).all():
+            raise LoadError(f"{path / WEIGHTS_FILE}: {name} contains NaN or inf")
+    model.load_export_state({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def _from_our_cfg(path: Path, block: dict) -> SAE:
+    if block.get("format_version", 0) > FORMAT_VERSION:
+        raise LoadError(f"{path / CFG_FILE}: format_version {block['format_version']} is newer than "
+                        f"this library reads ({FORMAT_VERSION}); upgrade sae")
+    arch = block.get("architecture")
+    if arch not in SAE.registry:
+        raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; known: {', '.join(sorted(SAE.registry))}")
+    options = dict(block.get("config", {}))
+    try:
+        return SAE.registry[arch](**options)
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{path / CFG_FILE}: invalid config for {arch}: {e}") from None
+
+
+def _from_saelens_cfg(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[SAE, dict[str, Tensor]]:
+    arch = cfg.get("architecture", "standard")
+    if arch not in FROM_SAELENS:
+        raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; "
+                        f"SAELens architectures read: {', '.join(sorted(FROM_SAELENS))}")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise LoadError(f"{path / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r} needs a "
+                        "run-time scale that is not stored with the weights; fold it and save with 'none'")
+    try:
+        d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, ValueError, TypeError):
+        raise LoadError(f"{path / CFG_FILE}: needs integer d_in and d_sae") from None
+    ours = FROM_SAELENS[arch]
+    options = {"k": int(cfg.get("k", 100))} if ours in ("topk", "batchtopk") else {}
+    model = SAE.registry[ours](d_in, n, **options)
+    state = dict(state)
+    if "W_enc" not in state or "W_dec" not in state or "b_enc" not in state or "b_dec" not in state:
+        return model, state  # the caller reports the missing tensors
+    with torch.no_grad():
+        if ours == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+            # SAELens ranks pre * ||W_dec_i|| and decodes acts / ||W_dec_i||: fold both into the weights.
+            norms = state["W_dec"].float().norm(dim=1)
+            state["W_enc"] = state["W_enc"] * norms
+            state["b_enc"] = state["b_enc"] * norms
+            state["W_dec"] = state["W_dec"] / norms[:, None]
+        if not cfg.get("apply_b_dec_to_input", True):
+            # We always encode x - b_dec; an SAE that encodes x needs b_enc + b_dec @ W_enc.
+            state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
+        if ours == "batchtopk" and "threshold" not in state and "topk_threshold" in state:
+            state["threshold"] = state.pop("topk_threshold").expand(n)
+    return model, state
+
+
+def load_sparsity(path: str | os.PathLike) -> Tensor | None:
+    """log10 feature densities saved beside a dictionary, or None if absent."""
+    file = Path(path) / SPARSITY_FILE
+    return read_safetensors(file)["sparsity"] if file.exists() else None
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+def save_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer, state: dict,
+                    tensors: dict[str, Tensor]):
+    """A checkpoint directory: model + optimizer tensors (safetensors) and trainer state (JSON).
+
+    `state` is JSON-serialisable trainer state; `tensors` holds extra tensors such as RNG states.
+    """
+    opt_state = optimizer.state_dict()
+    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for idx, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            flat[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    flat.update({f"extra.{k}": v for k, v in tensors.items()})
+    flat = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
+    meta = {"format_version": FORMAT_VERSION, "state": state, "optimizer_groups": opt_state["param_groups"]}
+    tmp = temp_dir_beside(path)
+    try:
+        save_file(flat, str(tmp / "tensors.safetensors"))
+        write_json(tmp / "trainer.json", meta)  # written last: its presence marks a complete checkpoint
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, Tensor]]:
+    """Restore model and optimizer in place; return (trainer state, extra tensors)."""
+    meta = read_json(path / "trainer.json")
+    flat = read_safetensors(path / "tensors.safetensors")
+    model_state = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        raise LoadError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0]})") from None
+    per_param: dict[int, dict] = {}
+    for key, value in flat.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            per_param.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer_groups"]})
+    extras = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
+    return meta["state"], extras

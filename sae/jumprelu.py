@@ -1,0 +1,100 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): z = pre * [pre > theta], with a learned theta per latent.
+
+The step has no useful gradient, so theta learns through a straight-through estimator: the
+derivative of the step is replaced by a rectangle kernel of width `bandwidth` around theta. The
+sparsity penalty is the L0 itself. theta lives in float32 (as log theta, so it stays positive) even
+under bf16 autocast: bf16 cannot resolve the small steps theta takes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, Code, SAEConfig
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    l0_coeff: float = 0.1
+    bandwidth: float = 0.05  # width of the rectangle kernel of the pseudo-gradient
+    init_threshold: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.l0_coeff < 0 or not self.bandwidth > 0 or not self.init_threshold > 0:
+            raise ValueError(
+                "JumpReLU needs l0_coeff >= 0, bandwidth > 0 and init_threshold > 0, got "
+                f"{self.l0_coeff!r}, {self.bandwidth!r}, {self.init_threshold!r}"
+            )
+
+
+def _near_threshold(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """pre * [pre > theta]; d/dtheta := -theta * K((pre - theta) / eps) / eps."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        grad_threshold = -(threshold * _near_threshold(pre, threshold, ctx.bandwidth) * grad).sum(0)
+        return grad * (pre > threshold), grad_threshold, None
+
+
+class StepFunction(torch.autograd.Function):
+    """[pre > theta]; d/dtheta := -K((pre - theta) / eps) / eps, and no gradient to pre."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        return None, -(_near_threshold(pre, threshold, ctx.bandwidth) * grad).sum(0), None
+
+
+class JumpReLUSAE(SAE):
+    architecture = "jumprelu"
+    Config = JumpReLUConfig
+
+    def __init__(self, d_in: int, n_latents: int, **options):
+        super().__init__(d_in, n_latents, **options)
+        self.log_threshold = nn.Parameter(torch.full((self.n_total,), math.log(self.cfg.init_threshold)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.float().exp()
+
+    def encode_code(self, x: Tensor) -> Code:
+        pre = self.pre_activations(x).float()  # the threshold comparison is done in fp32
+        threshold = self.threshold
+        codes = JumpReLUFunction.apply(pre, threshold, self.cfg.bandwidth)
+        l0 = StepFunction.apply(pre, threshold, self.cfg.bandwidth).sum(-1).mean()
+        return Code(codes, None, self.n_total, extras={"l0": l0})
+
+    def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+        return {"sparsity": self.cfg.l0_coeff * code.extras["l0"]}
+
+    def export_state(self) -> dict[str, Tensor]:
+        return {**super().export_state(), "threshold": self.threshold}
+
+    def load_export_state(self, state: dict[str, Tensor]):
+        super().load_export_state(state)
+        with torch.no_grad():
+            self.log_threshold.copy_(state["threshold"].float().clamp_min(1e-12).log())
+
+    def saelens_fields(self) -> dict:
+        return {"architecture": "jumprelu"}

@@ -1,0 +1,63 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token, ReLU, nothing else.
+
+Sparsity is exact, so there is no penalty to tune. Latents that stop firing are revived by AuxK:
+the dead latents' own top-k_aux pre-activations are asked to reconstruct the residual x - x_hat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .base import SAE, Code, SAEConfig
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32
+    # AuxK: dead latents used to model the residual (0 = d_in // 2, as in Gao et al.) and its weight.
+    aux_k: int = 0
+    aux_coeff: float = 1 / 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.k, int) or not 0 < self.k <= self.n_total:
+            raise ValueError(f"k must be an integer in [1, {self.n_total}], got {self.k!r}")
+        if self.aux_k < 0 or self.aux_coeff < 0:
+            raise ValueError(f"aux_k and aux_coeff must be >= 0, got {self.aux_k!r}, {self.aux_coeff!r}")
+
+
+class TopKFamily(SAE):
+    """Shared by TopK-style SAEs: AuxK on dead latents."""
+
+    def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+        if not self.training or self.cfg.aux_coeff == 0:
+            return {}
+        dead = self.dead_mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return {}
+        return {"aux": self.cfg.aux_coeff * self.aux_loss(x, x_hat, dead)}
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
+        # The GEMM runs over the dead latents only: cheap while few are dead, which is the usual case.
+        aux_k = min(self.cfg.aux_k or self.d_in // 2, dead.numel())
+        pre = (x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]
+        top = pre.topk(aux_k, dim=-1, sorted=False)
+        residual = (x - x_hat).detach()
+        residual_hat = self.decode_sparse(top.values.relu(), dead[top.indices])
+        # Scaled by the dead share (as SAELens does) so a handful of dead latents is not over-weighted.
+        return (residual_hat - residual).pow(2).sum(-1).mean() * min(dead.numel() / aux_k, 1.0)
+
+
+class TopKSAE(TopKFamily):
+    architecture = "topk"
+    Config = TopKConfig
+
+    def encode_code(self, x: Tensor) -> Code:
+        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
+        return Code(values, indices, self.n_total)
+
+    def saelens_fields(self) -> dict:
+        return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
