@@ -12,5 +12,7 @@ from .jumprelu import JumpReLUSAE
 from .relu import ReLUSAE
 from .io import load, save
 from .topk import TopKSAE
+from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "load", "save"]
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "load", "save",
+           "train", "TrainConfig", "TrainResult"]

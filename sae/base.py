@@ -19,19 +19,21 @@ from torch import Tensor, nn
 from . import kernels
 
 
+def option(default, help: str):
+    """A config field with its --help text (train.py builds its command line from these)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SAEConfig:
     d_in: int
     n_latents: int
-    # Unit-norm decoder rows, with the gradient's component along each row removed before the step,
-    # so sparsity cannot be bought by shrinking codes and growing the decoder.
-    normalize_decoder: bool = True
-    # W_enc starts as W_dec^T: latents begin as matched-filter detectors of their own atoms.
-    init_encoder_from_decoder: bool = True
-    # Norm of decoder rows at initialisation (ReLU SAEs with norm-weighted L1 start small).
-    decoder_init_norm: float = 1.0
-    # A latent that has not fired for this many training tokens counts as dead.
-    dead_tokens: int = 10_000_000
+    # Unit-norm rows stop the SAE buying sparsity by shrinking codes and growing the decoder.
+    normalize_decoder: bool = option(True, "keep decoder rows unit-norm (parallel gradient removed)")
+    # Latents begin as matched-filter detectors of their own atoms.
+    init_encoder_from_decoder: bool = option(True, "initialise W_enc as W_dec^T")
+    decoder_init_norm: float = option(1.0, "norm of decoder rows at initialisation")
+    dead_tokens: int = option(10_000_000, "a latent silent for this many training tokens counts as dead (AuxK, dead share)")
 
     @property
     def n_total(self) -> int:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Code
+from .base import Code, option
 from .topk import TopKConfig, TopKFamily
 
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
-    threshold_lr: float = 0.01  # EMA rate of the inference threshold
+    threshold_lr: float = option(0.01, "EMA rate of the inference threshold")
 
     def __post_init__(self):
         super().__post_init__()

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, Code, SAEConfig
+from .base import SAE, Code, SAEConfig, option
 
 
 @dataclass
 class JumpReLUConfig(SAEConfig):
-    l0_coeff: float = 0.1
-    bandwidth: float = 0.05  # width of the rectangle kernel of the pseudo-gradient
-    init_threshold: float = 0.01
+    l0_coeff: float = option(0.1, "weight of the L0 penalty")
+    bandwidth: float = option(0.05, "width of the rectangle kernel of the threshold's pseudo-gradient")
+    init_threshold: float = option(0.01, "initial threshold")
 
     def __post_init__(self):
         super().__post_init__()

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import SAE, Code, SAEConfig
+from .base import SAE, Code, SAEConfig, option
 
 
 @dataclass
 class ReLUConfig(SAEConfig):
-    l1_coeff: float = 5.0
-    normalize_decoder: bool = False
-    decoder_init_norm: float = 0.1
+    l1_coeff: float = option(5.0, "weight of the decoder-norm-weighted L1 penalty")
+    normalize_decoder: bool = option(False, "keep decoder rows unit-norm (off: the L1 is norm-weighted)")
+    decoder_init_norm: float = option(0.1, "norm of decoder rows at initialisation")
 
     def __post_init__(self):
         super().__post_init__()

@@ -11,15 +11,14 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .base import SAE, Code, SAEConfig
+from .base import SAE, Code, SAEConfig, option
 
 
 @dataclass
 class TopKConfig(SAEConfig):
-    k: int = 32
-    # AuxK: dead latents used to model the residual (0 = d_in // 2, as in Gao et al.) and its weight.
-    aux_k: int = 0
-    aux_coeff: float = 1 / 32
+    k: int = option(32, "active latents per token")
+    aux_k: int = option(0, "AuxK: dead latents used to model the residual (0 = d_in // 2)")
+    aux_coeff: float = option(1 / 32, "AuxK loss weight (0 = off)")
 
     def __post_init__(self):
         super().__post_init__()

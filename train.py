@@ -1,0 +1,188 @@
+"""Train a sparse autoencoder on cached residual activations.
+
+    python train.py                    # default job: cache the built-in scenes model, train a TopK SAE
+    python train.py --arch jumprelu --l0-coeff 0.05 --data cache/my_cache --run-dir runs/jr
+    python train.py --run-dir runs/jr --resume ...   # same options again: continue where it stopped
+    python train.py cache --model scenes --hooks blocks.1.hook_resid_post --out cache/my_cache
+
+Every option comes from a config dataclass (sae.TrainConfig, each architecture's Config, and
+sae.cache.CacheConfig), so --help always lists all of them with their defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from pathlib import Path
+
+import sae
+from sae.base import SAE
+
+DEFAULT_CACHE = Path("cache") / "scenes"
+
+# The default job, small enough to run in under 3 minutes on 2 CPU cores.
+DEFAULT_JOB = dict(arch="topk", expansion_factor=8, k=8, steps=2000, batch_size=512, lr=1e-3)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for architecture options whose default depends on --arch."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_dataclass_options(parser, cls, defaults: dict | None = None, skip=()):
+    """One --option per field of `cls`, typed from its annotation, help from its metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        default = (defaults or {}).get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0],
+                                default=f.default_factory() if default is dataclasses.MISSING else default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def model_option_table() -> dict[str, dict[str, object]]:
+    """option name -> {architecture: default} over every registered architecture."""
+    table: dict[str, dict[str, object]] = {}
+    for arch, cls in SAE.registry.items():
+        for f in dataclasses.fields(cls.Config):
+            if f.name not in ("d_in", "n_latents"):
+                table.setdefault(f.name, {})[arch] = f.default
+    return table
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a sparse autoencoder. With no arguments: the built-in default job. "
+                    "`python train.py cache --help` for writing activation caches.",
+        formatter_class=HelpFormatter)
+    run = parser.add_argument_group("data and model")
+    run.add_argument("--data", default="", help=f"activation cache directory ('' = built-in scenes cache, "
+                                                f"written to {DEFAULT_CACHE} if absent)")
+    run.add_argument("--arch", default=DEFAULT_JOB["arch"], choices=sorted(SAE.registry), help="architecture")
+    run.add_argument("--n-latents", type=int, default=0, help="dictionary size (0 = expansion-factor * d_in)")
+    run.add_argument("--expansion-factor", type=int, default=DEFAULT_JOB["expansion_factor"],
+                     help="dictionary size as a multiple of d_in, when --n-latents is 0")
+    arch = parser.add_argument_group("architecture options (default: the architecture's own)")
+    hints = {}  # the first definition of a shared option (the base class's) gives its help text
+    for cls in SAE.registry.values():
+        for f in dataclasses.fields(cls.Config):
+            hints.setdefault(f.name, (typing.get_type_hints(cls.Config)[f.name], f.metadata.get("help", "")))
+    for name, defaults in model_option_table().items():
+        kind, help_text = hints[name]
+        shown = ", ".join(f"{a}={d}" for a, d in defaults.items())
+        flag = "--" + name.replace("_", "-")
+        job_default = DEFAULT_JOB.get(name)
+        text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
+        if kind is bool:
+            arch.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            arch.add_argument(flag, type=kind, default=None, help=text)
+    training = parser.add_argument_group("training (sae.TrainConfig)")
+    add_dataclass_options(training, sae.TrainConfig, defaults=DEFAULT_JOB)
+    return parser
+
+
+def build_sae(args, d_in: int) -> SAE:
+    cls = SAE.registry[args.arch]
+    applicable = {f.name for f in dataclasses.fields(cls.Config)}
+    options = {}
+    for name in model_option_table():
+        value = getattr(args, name)
+        if value is None:
+            value = DEFAULT_JOB.get(name) if name in applicable else None
+        if value is None:
+            continue
+        if name not in applicable:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
+        options[name] = value
+    n_latents = args.n_latents or args.expansion_factor * d_in
+    return cls(d_in, n_latents, **options)
+
+
+def ensure_default_cache() -> Path:
+    from sae.cache import CacheConfig, write_cache
+
+    cfg = CacheConfig(out=str(DEFAULT_CACHE))
+    if not (DEFAULT_CACHE / "manifest.json").exists():
+        print(f"caching the built-in model's residual stream to {DEFAULT_CACHE} ...")
+    return Path(write_cache(cfg))  # returns at once when complete; resumes a partial cache
+
+
+def run_training(argv) -> int:
+    args = build_train_parser().parse_args(argv)
+    data = Path(args.data) if args.data else ensure_default_cache()
+    from sae.store import cache_info
+
+    info = cache_info(data, args.hook or None)
+    torch_seed(args.seed)
+    model = build_sae(args, info["d_in"])
+    train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig)}
+    if not train_options["run_dir"]:
+        train_options["run_dir"] = str(Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"{type(model).__name__}: d_in={model.d_in}, n_latents={model.n_latents}, "
+          f"data={data} ({info['hook']}), run_dir={train_options['run_dir']}")
+    start = time.time()
+    result = sae.train(model, str(data), metadata={"model_name": info.get("model"), "hook_name": info["hook"]},
+                       **train_options)
+    print_metrics(result.metrics)
+    print(f"done in {time.time() - start:.0f} s; dictionary saved to {result.run_dir / 'sae'} "
+          f"(load with sae.load('{result.run_dir / 'sae'}'))")
+    return 0
+
+
+def torch_seed(seed: int):
+    import torch
+
+    torch.manual_seed(seed)  # the SAE's initialisation is part of the run
+
+
+def print_metrics(metrics: dict):
+    keys = ["fvu", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "l1", "dead_share", "dense_share"]
+    width = max(map(len, keys))
+    print("end-of-run metrics (eval mode, raw activations, batches after the last training step):")
+    for key in keys:
+        print(f"  {key:<{width}}  {metrics[key]:.4g}")
+
+
+def run_cache(argv) -> int:
+    from sae.cache import CacheConfig, write_cache
+
+    parser = argparse.ArgumentParser(prog="train.py cache", description="Write an activation cache.",
+                                     formatter_class=HelpFormatter)
+    add_dataclass_options(parser, CacheConfig)
+    args = vars(parser.parse_args(argv))
+    path = write_cache(CacheConfig(**args))
+    print(f"cache written to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["cache"]:
+            return run_cache(argv[1:])
+        return run_training(argv)
+    except KeyboardInterrupt:
+        print("interrupted: finished checkpoints/shards are kept; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as e:  # LoadError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
