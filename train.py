@@ -97,7 +97,9 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def build_sae(args, d_in: int) -> SAE:
     cls = SAE.registry[args.arch]
-    applicable = {f.name for f in dataclasses.fields(cls.Config)}
+    given = {name: getattr(args, name) for name in model_option_table() if getattr(args, name) is not None}
+    concrete = cls.resolve(**given)
+    applicable = {f.name for f in dataclasses.fields(concrete.Config)}
     options = {}
     for name in model_option_table():
         value = getattr(args, name)
@@ -106,7 +108,7 @@ def build_sae(args, d_in: int) -> SAE:
         if value is None:
             continue
         if name not in applicable:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch} ({concrete.__name__})")
         options[name] = value
     n_latents = args.n_latents or args.expansion_factor * d_in
     return cls(d_in, n_latents, **options)

@@ -164,6 +164,11 @@ class SAE(nn.Module):
         """(n_total, d_in) decoder matrix; structured SAEs materialise it (export only)."""
         return self.W_dec
 
+    @classmethod
+    def resolve(cls, **options) -> type[SAE]:
+        """The concrete class these options build (structured SAEs pick one per sparsity rule)."""
+        return cls
+
     def config_dict(self) -> dict:
         return asdict(self.cfg)
 
@@ -196,6 +201,10 @@ class SAE(nn.Module):
 
     def decode_dense(self, codes: Tensor) -> Tensor:
         return codes @ self.W_dec
+
+    def decoder_norms(self) -> Tensor:
+        """(n_total,) norms of the flat decoder's rows."""
+        return self.W_dec.norm(dim=1)
 
     def forward(self, x: Tensor) -> SAEOutput:
         self._check_input(x)
@@ -269,11 +278,22 @@ class SAE(nn.Module):
         """Weights under SAELens keys, for sae_weights.safetensors."""
         return {"W_enc": self.W_enc, "W_dec": self.flat_decoder(), "b_enc": self.b_enc, "b_dec": self.b_dec}
 
-    def load_export_state(self, state: dict[str, Tensor]):
-        """Inverse of export_state (used by sae.load)."""
-        with torch.no_grad():
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-                getattr(self, name).copy_(state[name])
+    # Structured SAEs name a second file for what a flat W_dec cannot hold (e.g. D and M_s).
+    extra_weights_file: ClassVar[str | None] = None
+
+    def export_extra(self) -> dict[str, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def load_export_state(self, state: dict[str, Tensor], extra: dict[str, Tensor] | None = None):
+        """Inverse of export_state (+ export_extra), used by sae.load."""
+        for name in ("W_enc", "b_enc", "b_dec"):
+            getattr(self, name).copy_(state[name])
+        self.load_decoder(state["W_dec"], extra)
+
+    @torch.no_grad()
+    def load_decoder(self, W_dec: Tensor, extra: dict[str, Tensor] | None):
+        self.W_dec.copy_(W_dec)
 
     def saelens_fields(self) -> dict:
         """cfg.json fields SAELens needs to rebuild this SAE; {} when it has no equivalent."""

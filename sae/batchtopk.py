@@ -57,8 +57,8 @@ class BatchTopKSAE(TopKFamily):
         state["threshold"] = torch.full_like(self.b_enc, float(self.threshold))
         return state
 
-    def load_export_state(self, state: dict[str, Tensor]):
-        super().load_export_state(state)
+    def load_export_state(self, state: dict[str, Tensor], extra: dict[str, Tensor] | None = None):
+        super().load_export_state(state, extra)
         self.threshold.fill_(float(state["threshold"].max()))
 
     def saelens_fields(self) -> dict:

@@ -101,6 +101,9 @@ def save(model: SAE, path: str | os.PathLike, *, metadata: dict | None = None,
     tmp = temp_dir_beside(final)
     try:
         save_file(weights, str(tmp / WEIGHTS_FILE))
+        if model.extra_weights_file:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.export_extra().items()},
+                      str(tmp / model.extra_weights_file))
         if log_feature_density is not None:
             save_file({"sparsity": log_feature_density.detach().float().cpu().contiguous()},
                       str(tmp / SPARSITY_FILE))
@@ -131,7 +134,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
                             f"cfg.json implies {tuple(tensor.shape)}")
         if not torch.isfinite(state[name]).all():
             raise LoadError(f"{path / WEIGHTS_FILE}: {name} contains NaN or inf")
-    model.load_export_state({k: v.float() for k, v in state.items()})
+    extra = read_safetensors(path / model.extra_weights_file) if model.extra_weights_file else None
+    try:
+        model.load_export_state({k: v.float() for k, v in state.items()}, extra)
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
     return model.to(device).eval()
 
 

@@ -94,8 +94,8 @@ class JumpReLUSAE(SAE):
     def export_state(self) -> dict[str, Tensor]:
         return {**super().export_state(), "threshold": self.threshold}
 
-    def load_export_state(self, state: dict[str, Tensor]):
-        super().load_export_state(state)
+    def load_export_state(self, state: dict[str, Tensor], extra: dict[str, Tensor] | None = None):
+        super().load_export_state(state, extra)
         with torch.no_grad():
             self.log_threshold.copy_(state["threshold"].float().clamp_min(1e-12).log())
 

@@ -32,7 +32,7 @@ class ReLUSAE(SAE):
         return Code(self.pre_activations(x).relu(), None, self.n_total)
 
     def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
-        weighted = code.values * self.W_dec.norm(dim=1)
+        weighted = code.values * self.decoder_norms()
         return {"sparsity": self.cfg.l1_coeff * weighted.sum(-1).mean()}
 
     def saelens_fields(self) -> dict:

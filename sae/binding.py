@@ -1,0 +1,251 @@
+"""The matrix-binding SAE: one shared dictionary D and a learned d x d transform per slot.
+
+    W_dec = [D; M_2 D; ...; M_S D]          x_hat = sum_s (z_s D) M_s^T + b_dec,   M_1 = I
+
+Codes split into S blocks of n latents (slot s owns latents s*n ... s*n + n - 1). The encoder is
+unconstrained (S*n latents) and the sparsity rule is any standard architecture's, reused by
+composition: BindingSAE(..., sparsity="topk") is a BindingSAE whose encoding and penalties come
+from TopKSAE. Decoding never materialises M_s D: S sparse decodes against D, then S - 1 d x d
+products (kernels.binding_decode). See ../shared/binding.md for the idea and what is identifiable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .base import SAE, Code, SAEConfig, option
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .relu import ReLUConfig, ReLUSAE
+from .topk import TopKConfig, TopKSAE
+
+TRANSFORMS = ("orthogonal", "full", "identity")
+TRANSFORM_INITS = ("identity", "random_orthogonal", "near_identity")
+
+
+@dataclass
+class BindingConfig(SAEConfig):
+    n_slots: int = option(2, "binding slots S (codes have n_slots * n_latents entries)")
+    sparsity: str = option("topk", "sparsity rule: topk, topk_per_slot, batchtopk, relu or jumprelu")
+    slot_transform: str = option("orthogonal", "M_s parametrisation: orthogonal, full, or identity (bag control)")
+    transform_init: str = option("identity", "M_s at initialisation: identity, random_orthogonal or near_identity")
+
+    @property
+    def n_total(self) -> int:
+        return self.n_slots * self.n_latents
+
+    def __post_init__(self):
+        if not isinstance(self.n_slots, int) or self.n_slots < 2:
+            raise ValueError(f"n_slots must be an integer >= 2, got {self.n_slots!r}")
+        if self.sparsity not in RULES:
+            raise ValueError(f"sparsity must be one of {', '.join(RULES)}, got {self.sparsity!r}")
+        if self.slot_transform not in TRANSFORMS:
+            raise ValueError(f"slot_transform must be one of {', '.join(TRANSFORMS)}, got {self.slot_transform!r}")
+        if self.transform_init not in TRANSFORM_INITS:
+            raise ValueError(f"transform_init must be one of {', '.join(TRANSFORM_INITS)}, got {self.transform_init!r}")
+        super().__post_init__()
+
+
+class BindingSAE(SAE):
+    """BindingSAE(d_in, n_latents, n_slots=2, sparsity="topk", k=..., slot_transform=...)."""
+
+    architecture = "binding"
+    Config = BindingConfig
+
+    def __new__(cls, *args, sparsity: str = "topk", **options):
+        # Pick the concrete class that combines the binding decoder with the sparsity rule.
+        if cls is BindingSAE:
+            if sparsity not in RULES:
+                raise ValueError(f"sparsity must be one of {', '.join(RULES)}, got {sparsity!r}")
+            cls = RULES[sparsity]
+        return super().__new__(cls)
+
+    def __init__(self, d_in: int, n_latents: int, sparsity: str = "topk", **options):
+        super().__init__(d_in, n_latents, sparsity=sparsity, **options)
+
+    @classmethod
+    def resolve(cls, sparsity: str = "topk", **_) -> type[SAE]:
+        return RULES.get(sparsity, cls)
+
+    # ---- decoder structure ---------------------------------------------------------------------
+    def init_decoder(self):
+        cfg = self.cfg
+        self.dictionary = nn.Parameter(self._random_rows(cfg.n_latents, cfg.d_in))
+        n_free, d = cfg.n_slots - 1, cfg.d_in
+        if cfg.slot_transform == "identity":
+            self.register_buffer("transform_param", torch.zeros(n_free, d, d))
+            return
+        start = initial_transforms(cfg.transform_init, n_free, d)
+        if cfg.slot_transform == "full":
+            self.transform_param = nn.Parameter(start)
+        else:  # orthogonal: M = R0 exp(A - A^T), A starts at 0 so M starts at R0, exactly orthogonal
+            self.register_buffer("transform_base", start)
+            self.transform_param = nn.Parameter(torch.zeros(n_free, d, d))
+
+    def decoder_rows(self) -> nn.Parameter:
+        return self.dictionary
+
+    def free_transforms(self) -> Tensor:
+        """(S-1, d, d): M_2 ... M_S."""
+        kind = self.cfg.slot_transform
+        if kind == "identity":
+            eye = torch.eye(self.d_in, device=self.dictionary.device, dtype=self.dictionary.dtype)
+            return eye.expand(self.cfg.n_slots - 1, -1, -1)
+        if kind == "full":
+            return self.transform_param
+        skew = self.transform_param - self.transform_param.transpose(1, 2)
+        return self.transform_base @ torch.linalg.matrix_exp(skew.float()).to(self.transform_param.dtype)
+
+    @property
+    def slot_transforms(self) -> Tensor:
+        """(n_slots, d, d): M_1 = I, then the learned transforms."""
+        eye = torch.eye(self.d_in, device=self.dictionary.device, dtype=self.dictionary.dtype)
+        return torch.cat([eye[None], self.free_transforms()])
+
+    def flat_decoder(self) -> Tensor:
+        """[D; M_2 D; ...] as (n_slots * n_latents, d_in) rows: for export, never on the hot path."""
+        return torch.cat([self.dictionary] + [self.dictionary @ m.T for m in self.free_transforms()])
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self.flat_decoder()
+
+    def slot_codes(self, codes: Tensor) -> Tensor:
+        """(B, n_slots * n_latents) -> (B, n_slots, n_latents)."""
+        return codes.reshape(codes.shape[0], self.cfg.n_slots, self.cfg.n_latents)
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        return kernels.binding_decode(values, indices, self.dictionary, self.free_transforms())
+
+    def decode_dense(self, codes: Tensor) -> Tensor:
+        per_slot = self.slot_codes(codes) @ self.dictionary  # (B, S, d): z_s D
+        out = per_slot[:, 0]
+        for s, m in enumerate(self.free_transforms(), start=1):
+            out = out + per_slot[:, s] @ m.T
+        return out
+
+    def decoder_norms(self) -> Tensor:
+        if self.cfg.slot_transform == "full":
+            return self.flat_decoder().norm(dim=1)
+        return self.dictionary.norm(dim=1).repeat(self.cfg.n_slots)  # orthogonal M keeps norms
+
+    # ---- training-time weight handling ---------------------------------------------------------
+    @torch.no_grad()
+    def fold_activation_scale_(self, scale: float):
+        # x_hat is linear in D (M_s fixed), so scaling D alone rescales every slot's atoms.
+        self.W_enc.mul_(scale)
+        self.b_dec.div_(scale)
+        self.dictionary.div_(scale)
+
+    # ---- export --------------------------------------------------------------------------------
+    extra_weights_file = "binding_weights.safetensors"
+
+    def export_extra(self) -> dict[str, Tensor]:
+        """The structure a flat W_dec loses: D and the transform parameters (exact reload)."""
+        extra = {"dictionary": self.dictionary, "slot_transforms": self.slot_transforms}
+        if self.cfg.slot_transform != "identity":
+            extra["transform_param"] = self.transform_param
+        if self.cfg.slot_transform == "orthogonal":
+            extra["transform_base"] = self.transform_base
+        return extra
+
+    @torch.no_grad()
+    def load_decoder(self, W_dec: Tensor, extra: dict[str, Tensor] | None):
+        needed = set(self.export_extra())
+        if extra is None or not needed <= set(extra):
+            raise ValueError(f"{self.extra_weights_file} must hold {', '.join(sorted(needed))}")
+        self.dictionary.copy_(extra["dictionary"])
+        if self.cfg.slot_transform != "identity":
+            self.transform_param.copy_(extra["transform_param"])
+        if self.cfg.slot_transform == "orthogonal":
+            self.transform_base.copy_(extra["transform_base"])
+        # W_dec is derived; a mismatch means the two files do not belong together.
+        if not torch.allclose(self.flat_decoder(), W_dec.to(self.dictionary), rtol=1e-4, atol=1e-5):
+            raise ValueError("W_dec in sae_weights.safetensors does not match the dictionary and slot transforms")
+
+    def saelens_fields(self) -> dict:
+        # A flat dictionary with the same codes exists for every rule but per-slot TopK.
+        fields = RULE_BASES[self.cfg.sparsity].saelens_fields(self)
+        return fields or {"architecture": "binding_topk_per_slot"}
+
+
+def initial_transforms(kind: str, n: int, d: int) -> Tensor:
+    if kind == "identity":
+        return torch.eye(d).repeat(n, 1, 1)
+    if kind == "random_orthogonal":
+        q, r = torch.linalg.qr(torch.randn(n, d, d))
+        return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]  # Haar-distributed
+    return torch.eye(d) + 0.01 * torch.randn(n, d, d)  # near_identity
+
+
+# ---- one concrete class per sparsity rule ----------------------------------------------------------
+# The rule's config comes first so its defaults (e.g. ReLU's unconstrained decoder) win.
+@dataclass
+class BindingTopKConfig(TopKConfig, BindingConfig):
+    pass
+
+
+@dataclass
+class BindingBatchTopKConfig(BatchTopKConfig, BindingConfig):
+    pass
+
+
+@dataclass
+class BindingReLUConfig(ReLUConfig, BindingConfig):
+    pass
+
+
+@dataclass
+class BindingJumpReLUConfig(JumpReLUConfig, BindingConfig):
+    pass
+
+
+class BindingTopKSAE(BindingSAE, TopKSAE):
+    Config = BindingTopKConfig
+
+
+class BindingTopKPerSlotSAE(BindingSAE, TopKSAE):
+    """k active latents in every slot: each slot holds exactly one object's worth of features."""
+
+    Config = BindingTopKConfig
+
+    def encode_code(self, x: Tensor) -> Code:
+        cfg = self.cfg
+        if cfg.k > cfg.n_latents:
+            raise ValueError(f"topk_per_slot needs k <= n_latents ({cfg.n_latents}), got {cfg.k}")
+        pre = self.pre_activations(x).reshape(x.shape[0], cfg.n_slots, cfg.n_latents)
+        top = pre.topk(cfg.k, dim=-1, sorted=False)
+        offsets = torch.arange(cfg.n_slots, device=x.device)[None, :, None] * cfg.n_latents
+        indices = (top.indices + offsets).reshape(x.shape[0], -1)
+        return Code(top.values.relu().reshape(x.shape[0], -1), indices, self.n_total)
+
+    def saelens_fields(self) -> dict:
+        return {"architecture": "binding_topk_per_slot"}
+
+
+class BindingBatchTopKSAE(BindingSAE, BatchTopKSAE):
+    Config = BindingBatchTopKConfig
+
+
+class BindingReLUSAE(BindingSAE, ReLUSAE):
+    Config = BindingReLUConfig
+
+
+class BindingJumpReLUSAE(BindingSAE, JumpReLUSAE):
+    Config = BindingJumpReLUConfig
+
+
+RULES: dict[str, type[BindingSAE]] = {
+    "topk": BindingTopKSAE,
+    "topk_per_slot": BindingTopKPerSlotSAE,
+    "batchtopk": BindingBatchTopKSAE,
+    "relu": BindingReLUSAE,
+    "jumprelu": BindingJumpReLUSAE,
+}
+RULE_BASES: dict[str, type[SAE]] = {
+    "topk": TopKSAE, "topk_per_slot": TopKSAE, "batchtopk": BatchTopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
+}
