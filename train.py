@@ -82,12 +82,14 @@ def build_train_parser() -> argparse.ArgumentParser:
             hints.setdefault(f.name, (typing.get_type_hints(cls.Config)[f.name], f.metadata.get("help", "")))
     for name, defaults in model_option_table().items():
         kind, help_text = hints[name]
-        shown = ", ".join(f"{a}={d}" for a, d in defaults.items())
+        shown = ", ".join(f"{a}={'[]' if d is dataclasses.MISSING else d}" for a, d in defaults.items())
         flag = "--" + name.replace("_", "-")
         job_default = DEFAULT_JOB.get(name)
         text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
         if kind is bool:
             arch.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(kind) is list:
+            arch.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=None, help=text)
         else:
             arch.add_argument(flag, type=kind, default=None, help=text)
     training = parser.add_argument_group("training (sae.TrainConfig)")

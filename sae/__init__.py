@@ -11,10 +11,11 @@ from .base import SAE, Code, SAEConfig, SAEOutput
 from .batchtopk import BatchTopKSAE
 from .binding import BindingSAE
 from .jumprelu import JumpReLUSAE
+from .matryoshka import MatryoshkaSAE
 from .relu import ReLUSAE
 from .io import load, save
 from .topk import TopKSAE
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE", "load", "save",
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE", "MatryoshkaSAE", "load", "save",
            "train", "TrainConfig", "TrainResult"]

@@ -300,6 +300,29 @@ class SAE(nn.Module):
         return {}
 
 
+class ComposedSAE(SAE):
+    """A structured family (binding, Matryoshka) whose sparsity rule is a standard architecture's.
+
+    Family(..., sparsity="topk") builds the family's concrete class for that rule, which inherits
+    the rule's encoding, penalties and export from the standard class instead of copying them.
+    """
+
+    rules: ClassVar[dict[str, type[SAE]]] = {}  # sparsity name -> concrete class, set by the family
+
+    def __new__(cls, *args, **options):
+        return super().__new__(cls.resolve(**options))
+
+    @classmethod
+    def resolve(cls, **options) -> type[SAE]:
+        if not cls.rules:
+            return cls
+        default = next(f.default for f in fields(cls.Config) if f.name == "sparsity")
+        sparsity = options.get("sparsity", default)
+        if sparsity not in cls.rules:
+            raise ValueError(f"sparsity must be one of {', '.join(cls.rules)}, got {sparsity!r}")
+        return cls.rules[sparsity]
+
+
 def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
     median = x.mean(0)

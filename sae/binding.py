@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SAE, Code, SAEConfig, option
+from .base import SAE, Code, ComposedSAE, SAEConfig, option
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .relu import ReLUConfig, ReLUSAE
@@ -49,26 +49,11 @@ class BindingConfig(SAEConfig):
         super().__post_init__()
 
 
-class BindingSAE(SAE):
+class BindingSAE(ComposedSAE):
     """BindingSAE(d_in, n_latents, n_slots=2, sparsity="topk", k=..., slot_transform=...)."""
 
     architecture = "binding"
     Config = BindingConfig
-
-    def __new__(cls, *args, sparsity: str = "topk", **options):
-        # Pick the concrete class that combines the binding decoder with the sparsity rule.
-        if cls is BindingSAE:
-            if sparsity not in RULES:
-                raise ValueError(f"sparsity must be one of {', '.join(RULES)}, got {sparsity!r}")
-            cls = RULES[sparsity]
-        return super().__new__(cls)
-
-    def __init__(self, d_in: int, n_latents: int, sparsity: str = "topk", **options):
-        super().__init__(d_in, n_latents, sparsity=sparsity, **options)
-
-    @classmethod
-    def resolve(cls, sparsity: str = "topk", **_) -> type[SAE]:
-        return RULES.get(sparsity, cls)
 
     # ---- decoder structure ---------------------------------------------------------------------
     def init_decoder(self):
@@ -246,6 +231,7 @@ RULES: dict[str, type[BindingSAE]] = {
     "relu": BindingReLUSAE,
     "jumprelu": BindingJumpReLUSAE,
 }
+BindingSAE.rules = RULES
 RULE_BASES: dict[str, type[SAE]] = {
     "topk": TopKSAE, "topk_per_slot": TopKSAE, "batchtopk": BatchTopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
 }
