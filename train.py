@@ -128,9 +128,11 @@ def ensure_default_cache() -> Path:
 def run_training(argv) -> int:
     args = build_train_parser().parse_args(argv)
     data = Path(args.data) if args.data else ensure_default_cache()
-    from sae.store import cache_info
+    from sae.store import make_store
 
-    info = cache_info(data, args.hook or None)
+    # Read the manifest once for d_in and names (full checksums are verified by the trainer's reader).
+    probe = make_store(str(data), batch_size=1, hook=args.hook or None, verify=False)
+    info = {"d_in": probe.d_in, "hook": probe.hook, "model": probe.cache.manifest.get("model")}
     torch_seed(args.seed)
     model = build_sae(args, info["d_in"])
     train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig)}
