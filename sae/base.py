@@ -119,7 +119,9 @@ class SAE(nn.Module):
                 f"options are {', '.join(sorted(known - {'d_in', 'n_latents'}))}"
             )
         self.cfg = self.Config(d_in=d_in, n_latents=n_latents, **options)
-        self.W_enc = nn.Parameter(torch.empty(d_in, self.n_total))
+        # Stored (n, d)-major and viewed as (d, n): the sparse backward then reads and writes
+        # whole latent columns as contiguous rows (see kernels/__init__.py).
+        self.W_enc = nn.Parameter(torch.empty(self.n_total, d_in).t())
         self.b_enc = nn.Parameter(torch.zeros(self.n_total))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.init_decoder()
@@ -201,6 +203,10 @@ class SAE(nn.Module):
 
     def decode_dense(self, codes: Tensor) -> Tensor:
         return codes @ self.W_dec
+
+    def aux_decoder_rows(self, latents: Tensor) -> Tensor:
+        """Decoder rows of `latents` for AuxK; gradients reach these rows only."""
+        return self.W_dec[latents]
 
     def decoder_norms(self) -> Tensor:
         """(n_total,) norms of the flat decoder's rows."""

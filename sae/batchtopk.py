@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
 from .base import Code, option
 from .topk import TopKConfig, TopKFamily
 
@@ -36,14 +37,13 @@ class BatchTopKSAE(TopKFamily):
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
 
     def encode_code(self, x: Tensor) -> Code:
-        pre = self.pre_activations(x)
         if not self.training:
+            pre = self.pre_activations(x)
             return Code(pre.relu() * (pre > self.threshold), None, self.n_total)
-        acts = pre.relu().flatten()
-        top = acts.topk(min(self.cfg.k * x.shape[0], acts.numel()), sorted=False)
-        codes = torch.zeros_like(acts).scatter(0, top.indices, top.values).view_as(pre)
-        self._update_threshold(top.values)
-        return Code(codes, None, self.n_total)
+        # Sparse (B, cap) codes: per-row candidates, zeroed outside the batch's top B*k.
+        values, indices = kernels.batch_topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
+        self._update_threshold(values.detach())
+        return Code(values, indices, self.n_total)
 
     @torch.no_grad()
     def _update_threshold(self, selected: Tensor):

@@ -113,6 +113,16 @@ class BindingSAE(ComposedSAE):
             out = out + per_slot[:, s] @ m.T
         return out
 
+    @torch.no_grad()
+    def aux_decoder_rows(self, latents: Tensor) -> Tensor:
+        # Detached: a dead latent's row M_s d_a shares d_a (and M_s) with live latents, so AuxK
+        # trains only its encoder, to fire where its structured direction explains the residual.
+        slot, atom = latents // self.n_latents, latents % self.n_latents
+        rows = self.dictionary[atom]
+        for s, m in enumerate(self.free_transforms(), start=1):
+            rows = torch.where((slot == s)[:, None], rows @ m.T, rows)
+        return rows
+
     def decoder_norms(self) -> Tensor:
         if self.cfg.slot_transform == "full":
             return self.flat_decoder().norm(dim=1)
@@ -202,11 +212,8 @@ class BindingTopKPerSlotSAE(BindingSAE, TopKSAE):
         cfg = self.cfg
         if cfg.k > cfg.n_latents:
             raise ValueError(f"topk_per_slot needs k <= n_latents ({cfg.n_latents}), got {cfg.k}")
-        pre = self.pre_activations(x).reshape(x.shape[0], cfg.n_slots, cfg.n_latents)
-        top = pre.topk(cfg.k, dim=-1, sorted=False)
-        offsets = torch.arange(cfg.n_slots, device=x.device)[None, :, None] * cfg.n_latents
-        indices = (top.indices + offsets).reshape(x.shape[0], -1)
-        return Code(top.values.relu().reshape(x.shape[0], -1), indices, self.n_total)
+        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, cfg.k, b_dec=self.b_dec, groups=cfg.n_slots)
+        return Code(values, indices, self.n_total)
 
     def saelens_fields(self) -> dict:
         return {"architecture": "binding_topk_per_slot"}

@@ -40,12 +40,11 @@ class TopKFamily(SAE):
         return {"aux": self.cfg.aux_coeff * self.aux_loss(x, x_hat, dead)}
 
     def aux_loss(self, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
-        # The GEMM runs over the dead latents only: cheap while few are dead, which is the usual case.
-        aux_k = min(self.cfg.aux_k or self.d_in // 2, dead.numel())
-        pre = (x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]
-        top = pre.topk(aux_k, dim=-1, sorted=False)
+        # Only the dead latents' encoder columns and decoder rows are touched: cheap while few are dead.
+        aux_k = self.cfg.aux_k or self.d_in // 2
+        residual_hat = kernels.auxk_reconstruct(x, self.W_enc, self.b_enc, aux_k, dead,
+                                                self.aux_decoder_rows(dead), self.b_dec)
         residual = (x - x_hat).detach()
-        residual_hat = self.decode_sparse(top.values.relu(), dead[top.indices])
         # Scaled by the dead share (as SAELens does) so a handful of dead latents is not over-weighted.
         return (residual_hat - residual).pow(2).sum(-1).mean() * min(dead.numel() / aux_k, 1.0)
 
