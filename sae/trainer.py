@@ -39,6 +39,8 @@ class TrainConfig:
     lr_warmup: float = option(0.01, "fraction of steps with linear LR warm-up from 0")
     lr_decay: float = option(0.2, "fraction of steps, at the end, with linear LR decay to 0")
     sparsity_warmup: float = option(0.05, "fraction of steps over which the sparsity coefficient ramps up from 0")
+    target_l0: float = option(0.0, "ReLU/JumpReLU: steer the sparsity coefficient to reach this L0 (0 = off)")
+    l0_gain: float = option(0.01, "gain of the L0 controller (log-coefficient change per step per log-L0 error)")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)")
     b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean or zeros")
     scale_activations: bool = option(True, "train on x scaled to E||x|| = sqrt(d_in); folded into the weights on save")
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"lr_warmup + lr_decay must be <= 1, got {self.lr_warmup + self.lr_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+        if self.target_l0 < 0 or self.l0_gain <= 0:
+            raise ValueError(f"target_l0 must be >= 0 and l0_gain > 0, got {self.target_l0!r}, {self.l0_gain!r}")
         if self.grad_clip < 0 or self.checkpoint_every < 0:
             raise ValueError("grad_clip and checkpoint_every must be >= 0")
         choices = {"b_dec_init": ("geometric_median", "mean", "zeros"), "device": ("auto", "cpu", "cuda"),
@@ -84,6 +88,16 @@ class TrainConfig:
 # Options that may differ between a run and its resumption: they do not change the numbers.
 RESUMABLE_DIFFERENCES = {"resume", "run_dir", "checkpoint_every", "keep_checkpoints", "log_every",
                          "eval_batches", "wandb", "wandb_project", "device"}
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides weights, optimiser, RNG and reader."""
+
+    step: int = 0
+    scale: float = 1.0  # activations are multiplied by this while training
+    log_coeff_mult: float = 0.0  # L0 controller: log of the sparsity-coefficient multiplier
+    wandb_id: str | None = None
 
 
 @dataclass
@@ -108,6 +122,17 @@ def sparsity_factor(step: int, cfg: TrainConfig) -> float:
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+def steer_l0(state: LoopState, l0: float, cfg: TrainConfig):
+    """Integral control in log space: raise the coefficient while L0 is above target, lower it below.
+
+    Starts after the sparsity warm-up (during it L0 is high by design). Log space makes the
+    response proportional to the relative error, whatever the coefficient's scale.
+    """
+    if cfg.target_l0 > 0 and state.step >= cfg.sparsity_warmup * cfg.steps:
+        error = math.log(max(l0, 1e-3)) - math.log(cfg.target_l0)
+        state.log_coeff_mult = min(max(state.log_coeff_mult + cfg.l0_gain * error, -30.0), 30.0)
+
+
 def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
           metadata: dict | None = None, **options) -> TrainResult:
     """Train `model` on `data` (a (N, d_in) tensor or a cache directory). Options: TrainConfig fields.
@@ -121,6 +146,8 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         raise ValueError(f"unknown training option {', '.join(unknown)}; "
                          "model options (k, l1_coeff, ...) are set when constructing the SAE")
     cfg = TrainConfig(**options)
+    if cfg.target_l0 > 0 and not hasattr(model.cfg, "l1_coeff") and not hasattr(model.cfg, "l0_coeff"):
+        raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device.type == "cuda")
@@ -142,36 +169,37 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         print(f"resume: no checkpoint in {run_dir}, starting from scratch")
     if checkpoint is not None:
         check_same_run(run_dir, run_record)
-        state, extras = io.load_checkpoint(checkpoint, model, optimizer)
-        step, scale = state["step"], state["scale"]
-        store.load_state_dict(state["store"])
+        saved, extras = io.load_checkpoint(checkpoint, model, optimizer)
+        state = LoopState(**saved["loop"])
+        store.load_state_dict(saved["store"])
         torch.set_rng_state(extras["cpu_rng"])
         if device.type == "cuda" and "cuda_rng" in extras:
             torch.cuda.set_rng_state(extras["cuda_rng"])
-        wandb_id = state.get("wandb_id")
-        truncate_log(run_dir / "log.jsonl", step)
+        truncate_log(run_dir / "log.jsonl", state.step)
     else:
         if run_dir is not None:
             refuse_to_overwrite(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             io.write_json(run_dir / "config.json", run_record)
         torch.manual_seed(cfg.seed)
-        step, scale = 0, initialise(model, store, cfg, device)
-        wandb_id = None
+        state = LoopState(scale=initialise(model, store, cfg, device))
 
-    wandb_run = start_wandb(cfg, run_record, run_dir, wandb_id) if cfg.wandb else None
-    tokens_seen = step * cfg.batch_size
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    wandb_run = start_wandb(cfg, run_record, run_dir, state.wandb_id) if cfg.wandb else None
+    if wandb_run is not None:
+        state.wandb_id = wandb_run.id
+    tokens_seen = state.step * cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0)
     logs: dict = {}
-    while step < cfg.steps:
+    while state.step < cfg.steps:
+        step = state.step
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        x = store.next_batch().to(device, non_blocking=True) * scale
+        x = store.next_batch().to(device, non_blocking=True) * state.scale
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(x)
         losses = dict(out.losses)
         if "sparsity" in losses:
-            losses["sparsity"] = losses["sparsity"] * sparsity_factor(step, cfg)
+            losses["sparsity"] = losses["sparsity"] * (sparsity_factor(step, cfg) * math.exp(state.log_coeff_mult))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or check the data")
@@ -182,7 +210,9 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         model.normalize_decoder_()
-        step += 1
+        if cfg.target_l0 > 0:
+            steer_l0(state, out.code.l0().item(), cfg)
+        state.step = step = step + 1
         tokens_seen += x.shape[0]
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -190,7 +220,8 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
             logs = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                     **batch_metrics(x, out.x_hat, out.code.l0()),
                     "dead_share": (model.tokens_since_fired >= window).float().mean().item(),
-                    "lr": optimizer.param_groups[0]["lr"], "time": time.time()}
+                    "lr": optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
+                    "time": time.time()}
             bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
             if run_dir is not None:
                 with open(run_dir / "log.jsonl", "a") as f:
@@ -199,18 +230,19 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
                 wandb_run.log(logs, step=step)
         bar.update(1)
         if run_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(run_dir, cfg, model, optimizer, step, scale, store,
-                            wandb_run.id if wandb_run is not None else None)
+            save_checkpoint(run_dir, cfg, model, optimizer, state, store)
         if callback is not None:
             callback(step, logs)
     bar.close()
 
     # The dictionary that leaves the trainer works on raw activations: fold the scale in.
-    model.fold_activation_scale_(scale)
+    model.fold_activation_scale_(state.scale)
     model.eval()
     metrics, log_density = evaluate(model, (store.next_batch() for _ in range(cfg.eval_batches)), device)
-    metrics["activation_scale"] = scale
-    metrics["steps"] = step
+    metrics["activation_scale"] = state.scale
+    metrics["steps"] = state.step
+    if cfg.target_l0 > 0:
+        metrics["sparsity_coeff_mult"] = math.exp(state.log_coeff_mult)
     if run_dir is not None:
         io.save(model, run_dir / "sae", metadata=metadata, log_feature_density=log_density)
         io.write_json(run_dir / "metrics.json", metrics)
@@ -276,12 +308,12 @@ def latest_checkpoint(run_dir: Path | None) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, step, scale, store, wandb_id):
-    state = {"step": step, "scale": scale, "store": store.state_dict(), "wandb_id": wandb_id}
+def save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, state: LoopState, store):
+    saved = {"loop": asdict(state), "store": store.state_dict()}  # floats round-trip exactly in JSON
     extras = {"cpu_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         extras["cuda_rng"] = torch.cuda.get_rng_state()
-    io.save_checkpoint(checkpoint_dir(run_dir) / f"step_{step:09d}", model, optimizer, state, extras)
+    io.save_checkpoint(checkpoint_dir(run_dir) / f"step_{state.step:09d}", model, optimizer, saved, extras)
     finished = sorted(checkpoint_dir(run_dir).glob("step_*"))
     for old in finished[: max(len(finished) - cfg.keep_checkpoints, 0)]:
         shutil.rmtree(old, ignore_errors=True)
