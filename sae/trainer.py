@@ -54,14 +54,16 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
     resume: bool = option(False, "continue from the latest checkpoint in run_dir")
     log_every: int = option(25, "steps between progress/log updates")
-    eval_batches: int = option(16, "batches for the end-of-run metrics")
+    # Enough tokens that "never fired" means dead rather than rare (8k tokens called 29% of the
+    # default job's latents dead).
+    eval_tokens: int = option(65536, "activations for the end-of-run metrics (whole batches, at least one)")
     splice_every: int = option(0, "steps between loss-recovered evals, splicing the SAE into the model (0 = off)")
     splice_sequences: int = option(64, "held-out sequences for those splice evals")
     wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works)")
     wandb_project: str = option("sae", "wandb project")
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "init_batches", "log_every", "eval_batches", "keep_checkpoints")
+        positive = ("steps", "batch_size", "init_batches", "log_every", "eval_tokens", "keep_checkpoints")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -89,7 +91,7 @@ class TrainConfig:
 
 # Options that may differ between a run and its resumption: they do not change the numbers.
 RESUMABLE_DIFFERENCES = {"resume", "run_dir", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_batches", "wandb", "wandb_project", "device", "splice_every", "splice_sequences"}
+                         "eval_tokens", "wandb", "wandb_project", "device", "splice_every", "splice_sequences"}
 
 
 @dataclass
@@ -244,7 +246,8 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
     # The dictionary that leaves the trainer works on raw activations: fold the scale in.
     model.fold_activation_scale_(state.scale)
     model.eval()
-    metrics, log_density = evaluate(model, (store.next_batch() for _ in range(cfg.eval_batches)), device)
+    eval_batches = max(1, cfg.eval_tokens // cfg.batch_size)
+    metrics, log_density = evaluate(model, (store.next_batch() for _ in range(eval_batches)), device)
     metrics["activation_scale"] = state.scale
     metrics["steps"] = state.step
     if cfg.target_l0 > 0:

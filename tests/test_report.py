@@ -18,7 +18,7 @@ from sae.eval import report
 from sae.eval.worlds import WorldConfig, make_world
 
 WORLD = WorldConfig(d=8, families=(4, 4), n_slots=2, seed=0)
-TRAIN = dict(steps=40, batch_size=128, log_every=5, eval_batches=2, lr=3e-3)
+TRAIN = dict(steps=40, batch_size=128, log_every=5, eval_tokens=256, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
