@@ -1,0 +1,74 @@
+"""The echo-feature detector (eval/echo.py) on constructed dictionaries with and without echoes."""
+import torch
+
+from sae.eval.echo import EchoConfig, find_echoes, fit_map, match_blocks
+from sae.eval.worlds import random_orthogonal
+
+D_IN, N = 12, 18          # 18 atoms in 12 dimensions: superposed, so M is pinned down
+
+
+def unit(v):
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def planted(seed=0, noise=0.05, distractors=6):
+    """Shuffled rows of [D; M D] + row noise + random distractor rows. Returns W, M, true pairs."""
+    g = torch.Generator().manual_seed(seed)
+    D = unit(torch.randn(N, D_IN, generator=g))
+    M = random_orthogonal(D_IN, g)
+    rows = torch.cat([D, D @ M.T, unit(torch.randn(distractors, D_IN, generator=g))])
+    rows = unit(rows + noise * torch.randn(rows.shape, generator=g) / D_IN**0.5)
+    perm = torch.randperm(len(rows), generator=g)
+    pos = torch.argsort(perm)                         # where original row r ended up
+    pairs = {(int(pos[a]), int(pos[N + a])) for a in range(N)}
+    return rows[perm], M, pairs
+
+
+def test_fit_map_recovers_orthogonal_and_linear_maps():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, D_IN, generator=g)
+    M = random_orthogonal(D_IN, g)
+    assert torch.allclose(fit_map(A, A @ M.T, "orthogonal"), M, atol=1e-4)
+    L = torch.randn(D_IN, D_IN, generator=g)
+    assert torch.allclose(fit_map(A, A @ L.T, "linear"), L, atol=1e-3)
+
+
+def test_finds_a_planted_shared_map():
+    W, M, truth = planted()
+    res = find_echoes(W)
+    found = {tuple(p) for p in res.pairs.tolist()}
+    reversed_ = {(j, i) for i, j in found}
+    # the direction is a slot relabelling: M or M⁻¹ are both right
+    hits = max(len(found & truth), len(reversed_ & truth))
+    assert hits >= 0.9 * N and len(found) - hits <= 1
+    err = min((res.transform - M).norm(), (res.transform - M.T).norm()) / M.norm()
+    assert err < 0.2
+    assert res.share > 0.8 * 2 * N / len(W)
+
+
+def test_reports_nothing_without_a_shared_map():
+    g = torch.Generator().manual_seed(1)
+    random_dict = unit(torch.randn(2 * N + 6, D_IN, generator=g))
+    assert find_echoes(random_dict).share < 0.1
+    # two independent dictionaries side by side: pairs exist, one map does not
+    independent = unit(torch.randn(2 * N, D_IN, generator=g))
+    assert find_echoes(independent).share < 0.1
+
+
+def test_duplicates_are_not_echoes():
+    g = torch.Generator().manual_seed(2)
+    D = unit(torch.randn(N, D_IN, generator=g))
+    dup = unit(torch.cat([D, D + 0.02 * torch.randn(D.shape, generator=g)]))
+    assert len(find_echoes(dup).pairs) == 0          # M = I explains them: not binding
+
+
+def test_match_blocks_with_known_partition():
+    g = torch.Generator().manual_seed(3)
+    D = unit(torch.randn(N, D_IN, generator=g))
+    M = random_orthogonal(D_IN, g)
+    perm = torch.randperm(N, generator=g)
+    B = unit((D @ M.T)[perm] + 0.1 * torch.randn(N, D_IN, generator=g) / D_IN**0.5)
+    res = match_blocks(D, B, EchoConfig())
+    right = (perm[res.pairs[:, 1]] == res.pairs[:, 0]).float()
+    assert len(res.pairs) >= 0.9 * N and right.mean() == 1.0
+    assert (res.transform - M).norm() / M.norm() < 0.2
