@@ -42,7 +42,9 @@ class TrainConfig:
     target_l0: float = option(0.0, "ReLU/JumpReLU: steer the sparsity coefficient to reach this L0 (0 = off)")
     l0_gain: float = option(0.01, "gain of the L0 controller (log-coefficient change per step per log-L0 error)")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)")
-    b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean or zeros")
+    b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean, zeros, or keep "
+                             "(continue a trained dictionary: its weights and b_dec as they are)")
+    binding_recipe: str = option("rebind", "binding SAEs: rebind (bind, split, match, rebind: sae/rebind.py) or plain")
     scale_activations: bool = option(True, "train on x scaled to E||x|| = sqrt(d_in); folded into the weights on save")
     init_batches: int = option(4, "batches used to estimate the activation scale and b_dec")
     seed: int = option(0, "seed for data order and training randomness")
@@ -80,7 +82,8 @@ class TrainConfig:
             raise ValueError(f"target_l0 must be >= 0 and l0_gain > 0, got {self.target_l0!r}, {self.l0_gain!r}")
         if self.grad_clip < 0 or self.checkpoint_every < 0 or self.splice_every < 0 or self.splice_sequences <= 0:
             raise ValueError("grad_clip, checkpoint_every and splice_every must be >= 0, splice_sequences > 0")
-        choices = {"b_dec_init": ("geometric_median", "mean", "zeros"), "device": ("auto", "cpu", "cuda"),
+        choices = {"b_dec_init": ("geometric_median", "mean", "zeros", "keep"), "binding_recipe": ("rebind", "plain"),
+                   "device": ("auto", "cpu", "cuda"),
                    "autocast": ("auto", "none", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -150,6 +153,11 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         raise ValueError(f"unknown training option {', '.join(unknown)}; "
                          "model options (k, l1_coeff, ...) are set when constructing the SAE")
     cfg = TrainConfig(**options)
+    if getattr(model, "architecture", "") == "binding" and cfg.binding_recipe == "rebind" \
+            and model.cfg.slot_transform != "identity":  # the identity control has no M to find
+        from .rebind import train_binding  # noqa: PLC0415
+
+        return train_binding(model, data, train, callback=callback, metadata=metadata, **asdict(cfg))
     if cfg.target_l0 > 0 and not hasattr(model.cfg, "l1_coeff") and not hasattr(model.cfg, "l0_coeff"):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -282,7 +290,12 @@ def initialise(model: SAE, store, cfg: TrainConfig, device) -> float:
     scale = math.sqrt(model.d_in) / x.norm(dim=1).mean().item() if cfg.scale_activations else 1.0
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("cannot scale activations: the first batches have zero norm")
-    model.init_b_dec_(x * scale, cfg.b_dec_init)
+    if cfg.b_dec_init == "keep":  # trained weights work on raw x: bring them into training units
+        if model.cfg.normalize_decoder:  # rows were unit-norm at the scale it was trained at: reuse it
+            scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
+        model.fold_activation_scale_(1 / scale)
+    else:
+        model.init_b_dec_(x * scale, cfg.b_dec_init)
     model.normalize_decoder_()
     return scale
 
