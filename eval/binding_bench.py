@@ -18,6 +18,7 @@ bind/split/match/rebind recipe of sae/rebind.py). Per world: mean ± std over se
     swap                     P(codes score their own scene above its attribute-swapped version); 0.5 = bag
     ho_slot, ho_coverage     held-out (atom, slot) pairs: bound in the right slot; best cos of any
                              decoder row with the held-out effective atom
+    echo_pairs, echo_share   standard SAE: the echo detector (eval/echo.py) on its live decoder rows
     rebind_pairs, tie_cost, slot_usage   the recipe's truth-free verdicts
 
 Results go to --out (JSON, one record per run plus the summary) and a Markdown table on stdout.
@@ -36,6 +37,7 @@ import torch
 
 import sae
 from sae.eval import binding_metrics as bm
+from sae.eval.echo import find_echoes
 from sae.eval.worlds import WorldConfig, make_world
 
 # name -> (world overrides of WorldConfig(), k); k = active latents (objects x families)
@@ -102,6 +104,9 @@ def score(model, world, seed: int, n_test: int = 4096) -> dict:
         ht = world.sample(n_test, seed=10_000 + seed, split="held_out")
         out["ho_slot"] = bm.binding_accuracy(model.encode(ht.x), ht.coefs, latent, pairs=held).slot
         out["ho_coverage"] = float(bm.coverage(W, world.slot_atoms[held]).mean())
+    if model.architecture != "binding":  # the echo detector on the standard SAE's live rows
+        echoes = find_echoes(W, live=(codes != 0).any(0))
+        out["echo_pairs"], out["echo_share"] = len(echoes.pairs), echoes.share
     if model.architecture == "binding":
         out["dict_mmcs"], _ = bm.dictionary_mmcs(D, world.slot_atoms)
         if world.transforms is not None:
@@ -129,7 +134,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 COLUMNS = ("fvu", "eff_mmcs", "dict_mmcs", "transfer_seen", "transfer_ho", "slot_acc", "exact", "swap",
-           "ho_slot", "ho_coverage", "rebind_pairs", "tie_cost", "slot_usage")
+           "ho_slot", "ho_coverage", "echo_share", "rebind_pairs", "tie_cost", "slot_usage")
 
 
 def table(summary: dict) -> str:
@@ -139,6 +144,19 @@ def table(summary: dict) -> str:
             cells = [f"{m[c][0]:.3f} ± {m[c][1]:.3f}" if c in m else "" for c in COLUMNS]
             lines.append(f"| {world} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_report(args, argv, worlds, records) -> dict:
+    summary = summarise(records)
+    report = {"command": "python -m sae.eval.binding_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "config": vars(args), "torch": torch.__version__,
+              "worlds": {w: {"k": WORLDS[w][1], **asdict(replace(WorldConfig(), **WORLDS[w][0]))} for w in worlds},
+              "summary": summary, "runs": records}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
+    return summary
 
 
 def main(argv=None) -> int:
@@ -166,24 +184,30 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
+    # Results are rewritten after every run and runs already in --out are skipped, so a stopped
+    # benchmark resumes where it was; seeds outermost so a partial run covers every world.
     records = []
-    for world in worlds:
-        for seed in seeds:
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        same = ("steps", "n_train", "batch_size", "lr")
+        if any(previous["config"][key] != getattr(args, key) for key in same):
+            print(f"error: {args.out} holds runs with other --steps/--n-train/--batch-size/--lr; "
+                  "choose another --out", file=sys.stderr)
+            return 2
+        records = [r for r in previous["runs"] if r["world"] in worlds and r["seed"] in seeds]
+    done = {(r["world"], r["seed"]) for r in records}
+    for seed in seeds:
+        for world in worlds:
+            if (world, seed) in done:
+                continue
             records.append(run_one(world, seed, args.steps, args.n_train, args.batch_size, args.lr))
             b = records[-1]["binding"]
             print(f"{world} seed {seed}: binding dict_mmcs {b.get('dict_mmcs', math.nan):.3f} "
                   f"transfer_ho {b.get('transfer_ho', math.nan):.3f} swap {b['swap']:.3f} | standard "
                   f"swap {records[-1]['standard']['swap']:.3f}", file=sys.stderr, flush=True)
-    summary = summarise(records)
-    report = {"command": "python -m sae.eval.binding_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "config": vars(args), "worlds": {w: {"k": WORLDS[w][1], **asdict(replace(WorldConfig(), **WORLDS[w][0]))}
-                                               for w in worlds},
-              "torch": torch.__version__, "summary": summary, "runs": records}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, args.out)
-    print(table(summary))
+            write_report(args, argv, worlds, records)
+    print(table(summarise(records)))
     return 0
 
 
