@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from . import io
 from .binding import RULE_BASES, BindingSAE
 from .metrics import batch_metrics
+from .trainer import TrainResult, train
 
 BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
 MIN_PAIRS = 8  # fewer matched pairs than this and the match is not trusted
@@ -42,14 +43,9 @@ EXTEND_COS = 0.7  # after the map is found, other rows pair up where cos(M a, b)
 SAMPLE_ROWS = 16384  # activations for usage, tie cost and slot usage
 
 
-class PhaseResult:
-    def __init__(self, model, metrics):
-        self.model, self.metrics = model, metrics
-
-
-def train_binding(model: BindingSAE, data, train_fn, **options):
-    """Train `model` in place by bind/split/match/rebind; returns the final phase's TrainResult.
-    `options` are sae.train's; `train_fn` is sae.train itself."""
+def train_binding(model: BindingSAE, data, **options) -> TrainResult:
+    """Train `model` in place by bind/split/match/rebind (`options` are sae.train's); returns the
+    final phase's TrainResult with the recipe's verdicts added to its metrics."""
     cfg = model.cfg
     steps, seed = options.pop("steps"), options.pop("seed")
     run_dir, resume = options.pop("run_dir", ""), options.pop("resume", False)
@@ -65,11 +61,11 @@ def train_binding(model: BindingSAE, data, train_fn, **options):
         if keep:
             opts["b_dec_init"] = "keep"
         if phases is None:
-            return train_fn(m, data, **opts)
+            return train(m, data, **opts)
         where = phases / name
         if (where / "metrics.json").exists():  # finished before an interruption
-            return PhaseResult(io.load(where / "sae"), io.read_json(where / "metrics.json"))
-        return train_fn(m, data, run_dir=str(where), resume=where.exists(), **opts)
+            return TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
+        return train(m, data, run_dir=str(where), resume=where.exists(), **opts)
 
     # 1. bind: free transforms from a random orthogonal start find the slot partition
     torch.manual_seed(seed)
@@ -94,14 +90,15 @@ def train_binding(model: BindingSAE, data, train_fn, **options):
     info = rebind_(model, bound, split, usage, seed)
 
     # 4. rebind
-    result = train_fn(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
+    result = train(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
                                           binding_recipe="plain", b_dec_init="keep", run_dir=run_dir,
                                           resume=resume))
     with torch.no_grad():
-        codes = model.encode(x) > 0
-        info["slot_usage"] = (codes[:, cfg.n_latents:].sum() / codes.sum().clamp_min(1)).item()
-        fvu = {name: batch_metrics(x, m(x).x_hat, torch.zeros(()))["fvu"] for name, m in (("tied", model), ("split", split))}
-        info["tie_cost"] = fvu["tied"] - fvu["split"]
+        tied, untied = model(x), split(x)
+        active = tied.codes > 0
+        info["slot_usage"] = (active[:, cfg.n_latents:].sum() / active.sum().clamp_min(1)).item()
+        info["tie_cost"] = (batch_metrics(x, tied.x_hat, tied.code.l0())["fvu"]
+                            - batch_metrics(x, untied.x_hat, untied.code.l0())["fvu"])
     result.metrics.update(info)
     if run_dir:
         io.write_json(Path(run_dir) / "metrics.json", result.metrics)

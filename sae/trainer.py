@@ -157,7 +157,7 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
             and model.cfg.slot_transform != "identity":  # the identity control has no M to find
         from .rebind import train_binding  # noqa: PLC0415
 
-        return train_binding(model, data, train, callback=callback, metadata=metadata, **asdict(cfg))
+        return train_binding(model, data, callback=callback, metadata=metadata, **asdict(cfg))
     if cfg.target_l0 > 0 and not hasattr(model.cfg, "l1_coeff") and not hasattr(model.cfg, "l0_coeff"):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
