@@ -12,7 +12,7 @@ temperature) on the pairwise-consistency affinity, orient the pairs (i→j vs j�
 by matching + refitting, and keep only pairs that a map fitted *without them* predicts
 (cross-validation). The null: a pair must beat the cosine that chance alignment of a random
 direction with the dictionary reaches, must not be a duplicate (M = I explains it), each row is a
-source or a target but not both, and fewer than d/2 pairs do not pin a map down, so report none.
+source or a target but not both, and fewer than d pairs do not pin a map down, so report none.
 
     res = find_echoes(W_dec)            # W_dec: (m, d) decoder rows of any SAE
     res.transform, res.pairs, res.share
@@ -40,6 +40,11 @@ from scipy.optimize import linear_sum_assignment
 class EchoConfig:
     map_kind: str = "orthogonal"  # fitted map: "orthogonal" (Procrustes) or "linear" (least squares)
     sigma: float = 0.3            # Gram-consistency tolerance, in units of 1/√d (the cos spread)
+    # find_echoes tries each tolerance `restarts` times and keeps the fit that matches most pairs:
+    # on trained dictionaries one run lands on the right assignment or on a wrong one (all or
+    # nothing), and which tolerance works varies from dictionary to dictionary (measured: a single
+    # run found the echoes of 2 of 3 TopK SAEs on the bound reference world; the ladder, all 3).
+    search_sigmas: tuple[float, ...] = (0.3, 0.5)
     beta_max: float = 200.0       # final inverse temperature of the annealing
     beta_rate: float = 1.5
     inner: int = 3                # assignment updates per temperature
@@ -47,7 +52,7 @@ class EchoConfig:
     refine_cos: float = 0.7       # pairs used to refit M while refining
     min_cos: float = 0.8          # echo: cos(M w_i, w_j) ≥ min_cos under a map not fitted on (i, j)
     null_false_pairs: float = 0.5 # ...and above the cos that chance alignment gives this many pairs
-    min_pairs_per_dim: float = 0.5  # fewer pairs than this·d do not pin a map down: report none
+    min_pairs_per_dim: float = 1.0  # fewer pairs than this·d do not pin a map down: report none
     allow_unpinned: bool = False  # report pairs too few (< 2d/3) to cross-validate, on in-sample fit?
     folds: int = 5                # cross-validation folds above 200 pairs (leave-one-out below)
     refine_iters: int = 10
@@ -247,22 +252,24 @@ def find_echoes(W: torch.Tensor, cfg: EchoConfig = EchoConfig(),
     U = W[rows] / W[rows].norm(dim=1, keepdim=True).clamp_min(1e-12)
     m = U.shape[0]
     G = U @ U.T
-    K = _affinity(G, cfg.sigma / math.sqrt(d))
 
     best = None
-    for _ in range(cfg.restarts):
-        X = _graduated_assignment(K, m, cfg, g)
-        cost = X.numpy().copy()
-        np.fill_diagonal(cost, -1e9)
-        r, c = linear_sum_assignment(cost, maximize=True)
-        confident = [(int(a), int(b)) for a, b in zip(r, c) if X[a, b] > 0.5]
-        if len(confident) < 3:
-            continue
-        oriented = _orient(G, confident)
-        M = fit_map(U[[p[0] for p in oriented]], U[[p[1] for p in oriented]], cfg.map_kind)
-        M, r, c = _refine(U, M, cfg)
-        if best is None or len(r) > len(best[1]):
-            best = (M, r, c)
+    for sigma in cfg.search_sigmas:
+        K = _affinity(G, sigma / math.sqrt(d))
+        for _ in range(cfg.restarts):
+            X = _graduated_assignment(K, m, cfg, g)
+            cost = X.numpy().copy()
+            np.fill_diagonal(cost, -1e9)
+            r, c = linear_sum_assignment(cost, maximize=True)
+            confident = [(int(a), int(b)) for a, b in zip(r, c) if X[a, b] > 0.5]
+            if len(confident) < 3:
+                continue
+            oriented = _orient(G, confident)
+            M = fit_map(U[[p[0] for p in oriented]], U[[p[1] for p in oriented]], cfg.map_kind)
+            M, r, c = _refine(U, M, cfg)
+            if best is None or len(r) > len(best[1]):
+                best = (M, r, c)
+        del K  # (m²)² floats: free before the next tolerance builds its own
 
     if best is None or len(best[1]) < 3:
         return EchoResult(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, m_all)
