@@ -5,8 +5,10 @@ sparsity, on matrix-bound worlds and on the controls that are not (binding.md §
     python -m sae.eval.binding_bench --worlds ref,under --seeds 0,1,2,3,4 --steps 8000
     python -m sae.eval.binding_bench --list                   # the named worlds
 
-Both models go through `sae.train` with its defaults (the binding SAE therefore through the
-bind/split/match/rebind recipe of sae/rebind.py). Per world: mean ± std over seeds of
+All models go through `sae.train` with the same budget: the standard TopK SAE, the binding SAE with
+the defaults (the bind/split/match/rebind recipe of sae/rebind.py), and the same binding SAE trained
+plainly (binding_recipe="plain": one run from the identity init) to show what the recipe adds.
+Per world: mean ± std over seeds of
 
     fvu, l0, dead            reconstruction, sparsity, never-firing latents (on fresh samples)
     eff_mmcs                 Hungarian-matched |cos| of the decoder rows to all S·n effective atoms M_s d_a
@@ -60,7 +62,8 @@ WORLDS = {
 DEFAULT_WORLDS = "ref,bag,slot_id,under"
 
 
-def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: int, lr: float) -> dict:
+def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: int, lr: float,
+            save_dir: str = "") -> dict:
     overrides, k = WORLDS[world_name]
     world = make_world(replace(WorldConfig(seed=seed), **overrides))
     x = world.sample(n_train, seed=seed).x
@@ -69,11 +72,16 @@ def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: in
     common = dict(dead_tokens=200 * batch_size)
     train = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_tokens=4 * batch_size)
     out = {"world": world_name, "seed": seed, "n_atoms": n, "d": d, "slots": S, "k": k}
-    for name, model in (("standard", sae.TopKSAE(d, S * n, k=k, **common)),
-                        ("binding", sae.BindingSAE(d, n, n_slots=S, k=k, **common))):
+    for name, make, recipe in (("standard", lambda: sae.TopKSAE(d, S * n, k=k, **common), {}),
+                               ("binding", lambda: sae.BindingSAE(d, n, n_slots=S, k=k, **common), {}),
+                               ("binding_plain", lambda: sae.BindingSAE(d, n, n_slots=S, k=k, **common),
+                                {"binding_recipe": "plain"})):
         t0 = time.time()
         torch.manual_seed(seed)
-        result = sae.train(model, x, **train)
+        model = make()
+        result = sae.train(model, x, **train, **recipe)
+        if save_dir:  # so later analyses (e.g. a new echo detector) need not retrain
+            model.save(os.path.join(save_dir, world_name, str(seed), name))
         scores = score(model, world, seed)
         scores["time_s"] = time.time() - t0
         for key in ("rebind_pairs", "rebind_fallback", "tie_cost", "slot_usage"):
@@ -122,8 +130,8 @@ def summarise(records: list[dict]) -> dict:
     """world -> model -> metric -> [mean, std, n]."""
     out: dict = {}
     for r in records:
-        for model in ("standard", "binding"):
-            for key, v in r[model].items():
+        for model in MODELS:
+            for key, v in r.get(model, {}).items():
                 out.setdefault(r["world"], {}).setdefault(model, {}).setdefault(key, []).append(v)
     for world in out.values():
         for model in world.values():
@@ -133,6 +141,7 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+MODELS = ("standard", "binding", "binding_plain")
 COLUMNS = ("fvu", "eff_mmcs", "dict_mmcs", "transfer_seen", "transfer_ho", "slot_acc", "exact", "swap",
            "ho_slot", "ho_coverage", "echo_share", "rebind_pairs", "tie_cost", "slot_usage")
 
@@ -168,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--out", default="binding_bench.json")
+    p.add_argument("--save", default="", help="directory to save every trained SAE in (world/seed/model)")
     p.add_argument("--list", action="store_true", help="print the named worlds and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -195,17 +205,21 @@ def main(argv=None) -> int:
             print(f"error: {args.out} holds runs with other --steps/--n-train/--batch-size/--lr; "
                   "choose another --out", file=sys.stderr)
             return 2
-        records = [r for r in previous["runs"] if r["world"] in worlds and r["seed"] in seeds]
+        # runs from before a model was added to MODELS are redone
+        records = [r for r in previous["runs"] if r["world"] in worlds and r["seed"] in seeds
+                   and all(m in r for m in MODELS)]
     done = {(r["world"], r["seed"]) for r in records}
     for seed in seeds:
         for world in worlds:
             if (world, seed) in done:
                 continue
-            records.append(run_one(world, seed, args.steps, args.n_train, args.batch_size, args.lr))
-            b = records[-1]["binding"]
-            print(f"{world} seed {seed}: binding dict_mmcs {b.get('dict_mmcs', math.nan):.3f} "
-                  f"transfer_ho {b.get('transfer_ho', math.nan):.3f} swap {b['swap']:.3f} | standard "
-                  f"swap {records[-1]['standard']['swap']:.3f}", file=sys.stderr, flush=True)
+            records.append(run_one(world, seed, args.steps, args.n_train, args.batch_size, args.lr, args.save))
+            r = records[-1]
+            print(f"{world} seed {seed}: " + " | ".join(
+                f"{m} dict_mmcs {r[m].get('dict_mmcs', math.nan):.3f} transfer_ho "
+                f"{r[m].get('transfer_ho', math.nan):.3f} swap {r[m]['swap']:.3f}" for m in MODELS[1:])
+                  + f" | standard swap {r['standard']['swap']:.3f} echo_share {r['standard']['echo_share']:.3f}",
+                  file=sys.stderr, flush=True)
             write_report(args, argv, worlds, records)
     print(table(summarise(records)))
     return 0

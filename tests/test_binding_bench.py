@@ -11,7 +11,7 @@ def test_bench_writes_resumable_json_and_refuses_bad_input(tmp_path, capsys):
     assert binding_bench.main(args) == 0
     report = json.loads(out.read_text())
     run = report["runs"][0]
-    assert run["world"] == "ref" and {"standard", "binding"} <= set(run)
+    assert run["world"] == "ref" and {"standard", "binding", "binding_plain"} <= set(run)
     for key in ("fvu", "eff_mmcs", "swap", "ho_coverage"):
         assert 0 <= run["binding"][key] <= 1.0 + 1e-6 and key in run["standard"]
     assert "echo_share" in run["standard"] and "rebind_pairs" in run["binding"]
