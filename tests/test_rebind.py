@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sae
+from sae.rebind import MATCH_ROWS
 from sae.eval import binding_metrics as bm
 from sae.eval.worlds import WorldConfig, make_world
 
@@ -82,3 +83,17 @@ def test_plain_and_identity_skip_the_recipe(world, tmp_path):
         run_dir = tmp_path / str(len(list(tmp_path.iterdir())))
         result = sae.train(model, x, steps=20, batch_size=128, run_dir=str(run_dir), **options)
         assert "rebind_pairs" not in result.metrics and not (run_dir / "phases").exists()
+
+
+def test_too_wide_to_validate_a_match_trains_plainly(tmp_path):
+    # 300 atoms in d = 200: a match would need ~134 validated pairs but at most MATCH_ROWS (128)
+    # rows are matched, so the recipe cannot succeed and must not spend steps on its phases
+    assert MATCH_ROWS < 2 * 200 / 3 + 1
+    x = torch.randn(2048, 200)
+    model = sae.BindingSAE(200, 300, n_slots=2, k=8)
+    with pytest.warns(UserWarning, match="binding recipe skipped"):
+        result = sae.train(model, x, steps=8, batch_size=128, run_dir=str(tmp_path / "run"))
+    assert result.metrics["rebind_skipped"] == 1 and result.metrics["rebind_fallback"] == 1
+    assert result.metrics["steps"] == 8 and not (tmp_path / "run" / "phases").exists()
+    assert 0 <= result.metrics["slot_usage"] <= 1
+    assert sae.load(tmp_path / "run" / "sae").cfg.n_slots == 2
