@@ -7,7 +7,9 @@ RUN_DIR is what `sae.train(..., run_dir=...)` writes (config.json, log.jsonl, me
 The report is ONE self-contained HTML file (PNGs embedded as base64), written atomically. Sections:
 
     run               metrics.json and the config as tables
-    training curves   loss parts, FVU, L0, dead share, LR (and the L0 controller's multiplier)
+    training curves   loss parts, FVU, L0, dead share, LR (and the L0 controller's multiplier); for a
+                      binding SAE trained by the bind/split/match/rebind recipe (sae/rebind.py) the
+                      earlier phases' logs (RUN_DIR/phases/*/log.jsonl) come first, phases marked
     feature density   histogram of log10 firing rates from sae/sparsity.safetensors, per slot
     decoder norms     rows of W_dec; for a BindingSAE D's rows and the flat [D; M_2 D; ...] rows
     slot transforms   BindingSAE: singular values of each M_s and of M_s - I
@@ -108,6 +110,45 @@ class Run:
     model: object = None                       # sae.SAE, or None with model_note saying why
     model_note: str = ""
     log_density: torch.Tensor | None = None
+    # earlier phases of a recipe-trained run (sae/rebind.py): (name, steps, log rows or None), in order
+    phases: list[tuple[str, int, list[dict] | None]] = field(default_factory=list)
+
+
+def read_log(log_file: Path) -> tuple[list[dict] | None, str]:
+    """(rows with a step, note): a run killed mid-write leaves a torn last line, skipped."""
+    if not log_file.is_file():
+        return None, f"no {log_file.name} in the run directory"
+    rows, bad = [], 0
+    for line in log_file.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r] or None
+    if rows is None:
+        return None, f"{log_file.name} holds no log steps"
+    return rows, f"{bad} unreadable line(s) skipped" if bad else ""
+
+
+def read_phases(path: Path) -> list[tuple[str, int, list[dict] | None]]:
+    """The phases sae/rebind.py trained before the final one, each a run directory under phases/."""
+    out = []
+    for d in sorted(p for p in (path / "phases").glob("*") if p.is_dir()) if (path / "phases").is_dir() else []:
+        log, _ = read_log(d / "log.jsonl")
+        steps = None
+        for name, key in (("metrics.json", ("steps",)), ("config.json", ("train", "steps"))):
+            try:
+                value = json.loads((d / name).read_text())
+                for k in key:
+                    value = value[k]
+                steps = int(value)
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        if steps is None:
+            steps = int(log[-1]["step"]) if log else 0
+        out.append((d.name, steps, log))
+    return out
 
 
 def read_run(path: Path) -> Run:
@@ -125,20 +166,8 @@ def read_run(path: Path) -> Run:
         raise ReportError(f"{path / 'config.json'}: not a run config (no 'architecture')")
     run = Run(path, config)
 
-    log_file = path / "log.jsonl"
-    if log_file.is_file():
-        rows, bad = [], 0
-        for line in log_file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1  # a run killed mid-write leaves a torn last line
-        run.log = [r for r in rows if isinstance(r, dict) and "step" in r] or None
-        run.log_note = f"{bad} unreadable line(s) skipped" if bad else ""
-        if run.log is None:
-            run.log_note = "log.jsonl holds no log steps"
-    else:
-        run.log_note = "no log.jsonl in the run directory"
+    run.log, run.log_note = read_log(path / "log.jsonl")
+    run.phases = read_phases(path)
 
     if (path / "metrics.json").is_file():
         try:
@@ -413,13 +442,18 @@ def log_axis_if_wide(ax, values: np.ndarray) -> str:
     return " (log)"
 
 
-def training_curves(log: list[dict]) -> bytes:
-    steps = np.array([r["step"] for r in log])
+def training_curves(log: list[dict], boundaries: list[tuple[int, str]] = ()) -> bytes:
+    """`boundaries`: (first step, name) of each phase of a multi-phase run, drawn as dotted lines
+    and named in the loss panel. (The caller joins the phases' logs with a row holding only a step
+    between them, so every curve breaks at a phase change instead of running into the next.)"""
+    steps = np.array([r["step"] for r in log], dtype=float)
 
     def series(key):
         return np.array([r.get(key, np.nan) for r in log], dtype=float)
 
-    loss_keys = [k for k in log[-1] if k not in LOSS_KEYS_SKIP and isinstance(log[-1][k], (int, float))]
+    # keys of every row, not only the last: phases of a recipe-trained run log different parts
+    loss_keys = list(dict.fromkeys(k for r in log for k in r
+                                   if k not in LOSS_KEYS_SKIP and isinstance(r[k], (int, float))))
     mult = series("sparsity_coeff_mult")
     show_mult = np.nanmax(mult) != np.nanmin(mult) if np.isfinite(mult).any() else False
     panels = ["loss", "fvu", "l0", "dead_share", "lr"] + (["mult"] if show_mult else [])
@@ -458,6 +492,18 @@ def training_curves(log: list[dict]) -> bytes:
         else:
             ax.plot(steps, mult, color="tab:brown")
             ax.set_title("sparsity-coefficient multiplier (L0 control)" + log_axis_if_wide(ax, mult))
+    for ax in axes[: len(panels)]:
+        for start, name in boundaries:
+            if start > 0:
+                ax.axvline(start, color="0.35", linestyle=":", linewidth=1)
+    if boundaries:
+        from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
+
+        ax = axes[0]
+        where = blended_transform_factory(ax.transData, ax.transAxes)
+        for start, name in boundaries:
+            ax.text(start, 0.02, f" {name}", transform=where, fontsize=7, color="0.25", rotation=90,
+                    ha="left", va="bottom")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return png(fig)
@@ -580,7 +626,8 @@ def label_heatmap(corr: torch.Tensor, keys: list[tuple[int, str, str]], slot_nam
     n_panels = len(panel_names)
     width = min(16.0, max(7.0, 0.3 * len(columns) + 2.5))
     fig = new_figure(width, n_panels * (0.4 * n_obj + 1.5) + 0.8)
-    fig.suptitle("best-matching latent for each label (phi of firing vs label); one panel per SAE slot", fontsize=11)
+    fig.suptitle("best-matching latent for each label (phi of firing vs label)"
+                 + ("; one panel per SAE slot" if n_panels > 1 else ""), fontsize=11)
     axes = fig.subplots(n_panels, 1, squeeze=False)[:, 0]
     from matplotlib import colormaps  # noqa: PLC0415
 
@@ -632,6 +679,10 @@ def run_section(run: Run) -> Section:
         scalars = [(k, v) for k, v in run.metrics.items() if isinstance(v, (int, float))]
         if run.log and "time" in run.log[0]:
             scalars.append(("wall time of logged steps (s)", run.log[-1]["time"] - run.log[0]["time"]))
+            first = next((log[0] for _, _, log in run.phases if log and "time" in log[0]), None)
+            if first is not None:
+                scalars.append(("wall time from the first phase's first logged step (s)",
+                                run.log[-1]["time"] - first["time"]))
         parts += ["<div><h3>end-of-run metrics</h3>", table(scalars), "</div>"]
     parts.append("</div>")
     parts.append(f"<details><summary>full config.json</summary><pre>{html.escape(json.dumps(c, indent=1))}</pre></details>")
@@ -639,16 +690,44 @@ def run_section(run: Run) -> Section:
     return Section("Run", caption=note, table_html="".join(parts))
 
 
+def joined_phases(run: Run) -> tuple[list[dict], list[tuple[int, str]], str]:
+    """(log, boundaries, caption) of a recipe-trained run: its earlier phases' logs (phases/*/) and
+    then the final phase's (log.jsonl), steps offset to count from the start of the whole run."""
+    m = run.metrics or {}
+    rows, bounds, offset, spans = [], [], 0, []
+    for name, n_steps, log in run.phases + [("4-rebind", None, run.log)]:
+        if rows:
+            rows.append({"step": offset})                      # breaks every line at the boundary
+        rows += [{**r, "step": r["step"] + offset} for r in (log or [])]
+        bounds.append((offset, name))
+        n_steps = n_steps if n_steps is not None else (int(log[-1]["step"]) if log else 0)
+        spans.append(f"{name} steps {offset}-{offset + n_steps}" + ("" if log else " (no log)")
+                     + (" (started from the 1-bind model: matching failed)"
+                        if name == "4-rebind" and m.get("rebind_fallback") else ""))
+        offset += n_steps
+    verdicts = ", ".join(f"{k} = {fmt(m[k])}" for k in ("rebind_pairs", "rebind_fallback", "tie_cost", "slot_usage")
+                         if k in m)
+    cap = (f"Trained by the binding recipe (sae/rebind.py) in phases, each its own training run with its own "
+           f"learning-rate schedule and dead-latent window: {'; '.join(spans)}. The saved dictionary, the "
+           f"end-of-run metrics and the figures below are the last phase's"
+           + (f" (verdicts: {verdicts})" if verdicts else "") + ". ")
+    return rows, bounds, cap
+
+
 def curves_section(run: Run) -> Section:
     title = "Training curves"
     if not run.log:
         return Section(title, skipped=run.log_note)
     window = run.config.get("model", {}).get("dead_tokens", "dead_tokens")
-    cap = (f"{len(run.log)} log steps from log.jsonl (every {run.config.get('train', {}).get('log_every', '?')} "
+    log, bounds, phases = joined_phases(run) if run.phases else (run.log, [], "")
+    n_rows = sum(1 for r in log if len(r) > 1)  # not the separators between phases
+    source = "the phases' log.jsonl files" if bounds else "log.jsonl"
+    cap = (phases + f"{n_rows} log steps from {source} (every {run.config.get('train', {}).get('log_every', '?')} "
            "steps). Loss, FVU and L0 are measured on the training batch of that step. A latent counts as dead "
            f"once silent for min({window}, tokens trained so far) training tokens, i.e. early on only latents that "
            "never fired since the start; the density histogram below counts firing in the end-of-run eval instead.")
-    return Section(title, caption=cap + (f" {run.log_note}." if run.log_note else ""), pngs=[training_curves(run.log)])
+    return Section(title, caption=cap + (f" {run.log_note}." if run.log_note else ""),
+                   pngs=[training_curves(log, bounds)])
 
 
 def density_section(run: Run) -> Section:

@@ -105,6 +105,25 @@ def test_binding_report_with_a_world_labels_file(runs, tmp_path):
     check_images(page, 5)  # curves, density, norms, spectra, heatmap
 
 
+def test_a_recipe_trained_binding_run_shows_every_phase(runs, tmp_path):
+    # sae.train trains a binding SAE by bind/split/match/rebind: the run directory's log.jsonl is the
+    # last phase's only; the curves must show the whole run, phases marked, not 12 of its 40 steps
+    run = copy_run(runs, "binding", tmp_path)
+    assert sorted(p.name for p in (run / "phases").iterdir()) == ["1-bind", "2-split"]
+    r = report.read_run(run)
+    assert [(name, steps) for name, steps, _ in r.phases] == [("1-bind", 10), ("2-split", 18)]
+    log, bounds, caption = report.joined_phases(r)
+    assert bounds == [(0, "1-bind"), (10, "2-split"), (28, "4-rebind")]
+    steps = [row["step"] for row in log if len(row) > 1]
+    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == 2 + 4 + 3  # every 5 steps and the last: 10, 18, 12 steps
+    assert "1-bind steps 0-10; 2-split steps 10-28; 4-rebind steps 28-40" in caption
+    assert report.main([str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "1-bind steps 0-10" in page and "rebind_fallback = " in page
+    shutil.rmtree(run / "phases")  # a run without phases reads as before
+    assert report.read_run(run).phases == []
+
+
 def test_cli_entry_point_and_lazy_matplotlib(tmp_path):
     # `python -m sae.eval.report` runs the module as __main__; runpy does the same after the import check.
     code = ("import runpy, sys, sae, sae.eval.report; assert 'matplotlib' not in sys.modules, 'imported at import'; "
