@@ -22,9 +22,9 @@ above d ≈ 190 it can never succeed: the recipe then trains plainly for the who
 (`rebind_skipped` = 1) instead of wasting the split phase (measured at d = 384: the fallback run
 ended at FVU 0.031 against 0.025 for a plain run of the same budget).
 
-Truth-free verdicts land in the metrics: `rebind_pairs` (smallest matched count over slots), `tie_cost` (FVU of the tied model minus that of the untied one: large
-means the data is not matrix-bound) and `slot_usage` (share of active latents in slots >= 2: near 0
-means a bag). With a run_dir each phase is its own resumable run under run_dir/phases/ and the
+Truth-free verdicts land in the metrics: `rebind_pairs` (smallest matched count over slots),
+`tie_cost` (FVU of the tied model minus that of the untied one: large means the data is not
+matrix-bound) and `slot_usage` (share of active latents in slots >= 2: near 0 means a bag). With a run_dir each phase is its own resumable run under run_dir/phases/ and the
 final model is saved in run_dir like any other run's.
 """
 from __future__ import annotations
