@@ -6,11 +6,13 @@ Codes split into S blocks of n latents (slot s owns latents s*n ... s*n + n - 1)
 unconstrained (S*n latents) and the sparsity rule is any standard architecture's, reused by
 composition: BindingSAE(..., sparsity="topk") is a BindingSAE whose encoding and penalties come
 from TopKSAE. Decoding never materialises M_s D: S sparse decodes against D, then S - 1 d x d
-products (kernels.binding_decode). See ../shared/binding.md for the idea and what is identifiable.
+products (kernels.binding_decode). `slot_group_sizes` makes D a Matryoshka dictionary: every prefix
+of its atoms, in every slot, is trained to reconstruct on its own. See ../shared/binding.md for the
+idea and what is identifiable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,8 @@ class BindingConfig(SAEConfig):
     sparsity: str = option("topk", "sparsity rule: topk, topk_per_slot, batchtopk, relu or jumprelu")
     slot_transform: str = option("orthogonal", "M_s parametrisation: orthogonal, full, or identity (bag control)")
     transform_init: str = option("identity", "M_s at initialisation: identity, random_orthogonal or near_identity")
+    slot_group_sizes: list[int] = field(default_factory=list, metadata={
+        "help": "Matryoshka inside every slot: atoms per nested group, summing to n_latents (empty = off)"})
 
     @property
     def n_total(self) -> int:
@@ -47,6 +51,10 @@ class BindingConfig(SAEConfig):
         if self.transform_init not in TRANSFORM_INITS:
             raise ValueError(f"transform_init must be one of {', '.join(TRANSFORM_INITS)}, got {self.transform_init!r}")
         super().__post_init__()
+        groups = self.slot_group_sizes
+        if groups and (any(not isinstance(g, int) or g <= 0 for g in groups) or sum(groups) != self.n_latents):
+            raise ValueError(f"slot_group_sizes must be positive integers summing to n_latents={self.n_latents}, "
+                             f"got {groups}")
 
 
 class BindingSAE(ComposedSAE):
@@ -112,6 +120,25 @@ class BindingSAE(ComposedSAE):
         for s, m in enumerate(self.free_transforms(), start=1):
             out = out + per_slot[:, s] @ m.T
         return out
+
+    # ---- Matryoshka inside each slot ---------------------------------------------------------
+    def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+        # Every prefix of D (atoms 0..p-1, in every slot through its M_s) must reconstruct x alone,
+        # as MatryoshkaSAE asks of a flat dictionary; one masked binding decode per proper prefix.
+        losses = super().extra_losses(x, x_hat, code)
+        prefixes = torch.tensor(self.cfg.slot_group_sizes).cumsum(0).tolist()[:-1]
+        if prefixes:
+            losses["prefix_mse"] = sum((self.decode_prefix(code, p) - x).pow(2).sum(-1).mean() for p in prefixes)
+        return losses
+
+    def decode_prefix(self, code: Code, prefix: int) -> Tensor:
+        """Reconstruction from atoms 0..prefix-1 alone, in every slot."""
+        if code.is_sparse:
+            keep = code.indices % self.n_latents < prefix
+            return self.decode_sparse(code.values * keep, code.indices) + self.b_dec
+        keep = torch.arange(self.n_latents, device=code.values.device) < prefix
+        masked = self.slot_codes(code.values) * keep
+        return self.decode_dense(masked.reshape(code.values.shape)) + self.b_dec
 
     @torch.no_grad()
     def aux_decoder_rows(self, latents: Tensor) -> Tensor:
