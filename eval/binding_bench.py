@@ -113,8 +113,7 @@ def score(model, world, seed: int, n_test: int = 4096) -> dict:
         out["ho_slot"] = bm.binding_accuracy(model.encode(ht.x), ht.coefs, latent, pairs=held).slot
         out["ho_coverage"] = float(bm.coverage(W, world.slot_atoms[held]).mean())
     if model.architecture != "binding":  # the echo detector on the standard SAE's live rows
-        echoes = find_echoes(W, live=(codes != 0).any(0))
-        out["echo_pairs"], out["echo_share"] = len(echoes.pairs), echoes.share
+        out.update(echo_scores(model, world, seed))
     if model.architecture == "binding":
         out["dict_mmcs"], _ = bm.dictionary_mmcs(D, world.slot_atoms)
         if world.transforms is not None:
@@ -124,6 +123,17 @@ def score(model, world, seed: int, n_test: int = 4096) -> dict:
             if held.any():
                 out["transfer_ho"] = float(bm.transfer(D, M, world.slot_atoms, held).mean())
     return out
+
+
+@torch.no_grad()
+def echo_scores(model, world, seed: int) -> dict:
+    """The echo detector on a standard SAE's live rows (`world` may be given by name)."""
+    if isinstance(world, str):
+        overrides, _ = WORLDS[world]
+        world = make_world(replace(WorldConfig(seed=seed), **overrides))
+    codes = model.encode(world.sample(4096, seed=10_000 + seed).x)
+    echoes = find_echoes(model.W_dec.detach(), live=(codes != 0).any(0))
+    return {"echo_pairs": len(echoes.pairs), "echo_share": echoes.share}
 
 
 def summarise(records: list[dict]) -> dict:
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--out", default="binding_bench.json")
     p.add_argument("--save", default="", help="directory to save every trained SAE in (world/seed/model)")
+    p.add_argument("--rescore-echo", action="store_true",
+                   help="recompute the echo columns of the runs in --out from the SAEs in --save (no training)")
     p.add_argument("--list", action="store_true", help="print the named worlds and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -208,6 +220,19 @@ def main(argv=None) -> int:
         # runs from before a model was added to MODELS are redone
         records = [r for r in previous["runs"] if r["world"] in worlds and r["seed"] in seeds
                    and all(m in r for m in MODELS)]
+    if args.rescore_echo:  # e.g. after a change to the echo detector
+        if not args.save:
+            print("error: --rescore-echo needs --save, the directory the runs' SAEs were saved in", file=sys.stderr)
+            return 2
+        for r in records:
+            where = os.path.join(args.save, r["world"], str(r["seed"]), "standard")
+            if not os.path.isdir(where):
+                print(f"error: {where}: no saved standard SAE for this run", file=sys.stderr)
+                return 2
+            r["standard"].update(echo_scores(sae.load(where), r["world"], r["seed"]))
+        write_report(args, argv, worlds, records)
+        print(table(summarise(records)))
+        return 0
     done = {(r["world"], r["seed"]) for r in records}
     for seed in seeds:
         for world in worlds:

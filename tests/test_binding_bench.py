@@ -8,6 +8,13 @@ def test_bench_writes_resumable_json_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["--worlds", "ref", "--seeds", "0", "--steps", "40", "--n-train", "2048", "--batch-size", "128",
             "--out", str(out)]
+    saved = ["--save", str(tmp_path / "saes")]
+    assert binding_bench.main(args + saved) == 0
+    assert (tmp_path / "saes" / "ref" / "0" / "standard").is_dir()
+    # the echo columns can be recomputed from the saved SAEs without training
+    assert binding_bench.main(args + saved + ["--rescore-echo"]) == 0
+    assert binding_bench.main(args + ["--rescore-echo"]) == 2
+    out.unlink()
     assert binding_bench.main(args) == 0
     report = json.loads(out.read_text())
     run = report["runs"][0]
