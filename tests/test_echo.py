@@ -1,4 +1,5 @@
 """The echo-feature detector (eval/echo.py) on constructed dictionaries with and without echoes."""
+import pytest
 import torch
 
 from sae.eval.echo import EchoConfig, find_echoes, fit_map, match_blocks
@@ -72,3 +73,41 @@ def test_match_blocks_with_known_partition():
     right = (perm[res.pairs[:, 1]] == res.pairs[:, 0]).float()
     assert len(res.pairs) >= 0.9 * N and right.mean() == 1.0
     assert (res.transform - M).norm() / M.norm() < 0.2
+
+
+def _trained_standard_sae(name: str, seed: int = 0):
+    """A TopK SAE trained on a synthetic world exactly as binding_bench.run_one trains "standard"."""
+    from dataclasses import replace
+
+    import sae
+    from sae.eval.binding_bench import WORLDS
+    from sae.eval.worlds import WorldConfig, make_world
+
+    overrides, k = WORLDS[name]
+    world = make_world(replace(WorldConfig(seed=seed), **overrides))
+    x = world.sample(65536, seed=seed).x
+    torch.manual_seed(seed)
+    model = sae.TopKSAE(world.cfg.d, world.n_slots * world.n_atoms, k=k, dead_tokens=200 * 512)
+    sae.train(model, x, steps=3000, batch_size=512, lr=2e-3, seed=seed, eval_tokens=2048)
+    with torch.no_grad():
+        live = (model.encode(world.sample(4096, seed=10_000 + seed).x) != 0).any(0)
+    return model.W_dec.detach(), live, world
+
+
+@pytest.mark.slow
+def test_finds_echoes_in_a_trained_topk_sae_and_none_in_the_bag_control():
+    W, live, world = _trained_standard_sae("ref")
+    res = find_echoes(W, live=live)
+    S, n, d = world.slot_atoms.shape
+    atoms = unit(world.slot_atoms.reshape(S * n, d))
+    best = (unit(W) @ atoms.T).abs().max(1).indices      # the (slot, atom) each row learned
+    slot, atom = best // n, best % n
+    i, j = res.pairs[:, 0], res.pairs[:, 1]
+    correct = ((slot[i] != slot[j]) & (atom[i] == atom[j])).float()
+    M = world.transforms[1]
+    err = min((res.transform - M).norm(), (res.transform - M.T).norm()) / M.norm()
+    assert len(res.pairs) >= 30 and correct.mean() >= 0.95
+    assert err < 0.3
+
+    W, live, _ = _trained_standard_sae("bag")               # M_s = I: echoes would be duplicates
+    assert len(find_echoes(W, live=live).pairs) == 0
