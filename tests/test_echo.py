@@ -12,17 +12,24 @@ def unit(v):
     return v / v.norm(dim=1, keepdim=True)
 
 
-def planted(seed=0, noise=0.05, distractors=6):
+def planted(seed=0, noise=0.05, distractors=6, n=N, d=D_IN):
     """Shuffled rows of [D; M D] + row noise + random distractor rows. Returns W, M, true pairs."""
     g = torch.Generator().manual_seed(seed)
-    D = unit(torch.randn(N, D_IN, generator=g))
-    M = random_orthogonal(D_IN, g)
-    rows = torch.cat([D, D @ M.T, unit(torch.randn(distractors, D_IN, generator=g))])
-    rows = unit(rows + noise * torch.randn(rows.shape, generator=g) / D_IN**0.5)
+    D = unit(torch.randn(n, d, generator=g))
+    M = random_orthogonal(d, g)
+    rows = torch.cat([D, D @ M.T, unit(torch.randn(distractors, d, generator=g))])
+    rows = unit(rows + noise * torch.randn(rows.shape, generator=g) / d**0.5)
     perm = torch.randperm(len(rows), generator=g)
     pos = torch.argsort(perm)                         # where original row r ended up
-    pairs = {(int(pos[a]), int(pos[N + a])) for a in range(N)}
+    pairs = {(int(pos[a]), int(pos[n + a])) for a in range(n)}
     return rows[perm], M, pairs
+
+
+def hits(res, truth):
+    """true pairs found, either direction (M or M⁻¹ is a slot relabelling), and pairs found."""
+    found = {tuple(p) for p in res.pairs.tolist()}
+    reversed_ = {(j, i) for i, j in found}
+    return max(len(found & truth), len(reversed_ & truth)), len(found)
 
 
 def test_fit_map_recovers_orthogonal_and_linear_maps():
@@ -37,14 +44,20 @@ def test_fit_map_recovers_orthogonal_and_linear_maps():
 def test_finds_a_planted_shared_map():
     W, M, truth = planted()
     res = find_echoes(W)
-    found = {tuple(p) for p in res.pairs.tolist()}
-    reversed_ = {(j, i) for i, j in found}
-    # the direction is a slot relabelling: M or M⁻¹ are both right
-    hits = max(len(found & truth), len(reversed_ & truth))
-    assert hits >= 0.9 * N and len(found) - hits <= 1
+    right, found = hits(res, truth)
+    assert right >= 0.9 * N and found - right <= 1
     err = min((res.transform - M).norm(), (res.transform - M.T).norm()) / M.norm()
     assert err < 0.2
     assert res.share > 0.8 * 2 * N / len(W)
+
+
+def test_analyses_dictionaries_up_to_max_rows_whole():
+    """150 rows (like the 192-row `over` bench SAEs, above the old 128-row cap): subsampling would
+    keep a pair only if both its rows survive (~(128/150)² of them), so all must be analysed."""
+    W, M, truth = planted(n=70, d=16, distractors=10)
+    assert len(W) <= EchoConfig().max_rows
+    right, found = hits(find_echoes(W), truth)
+    assert right >= 0.9 * 70 and found - right <= 1
 
 
 def test_reports_nothing_without_a_shared_map():
