@@ -58,6 +58,8 @@ WORLDS = {
     "independent": (dict(control="independent"), 6),
     "slot_id": (dict(control="slot_id"), 8),
     "magnitude": (dict(control="magnitude"), 6),
+    "wide": (dict(d=256, families=(128, 128, 128)), 6),       # 384 atoms in d=256: real-model widths
+    "wide_independent": (dict(d=256, families=(128, 128, 128), control="independent"), 6),
 }
 DEFAULT_WORLDS = "ref,bag,slot_id,under"
 

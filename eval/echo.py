@@ -29,9 +29,9 @@ version, stopped in wrong local optima on trained dictionaries: 0 of 3 bench SAE
     res = find_echoes(W_dec)            # W_dec: (m, d) decoder rows of any SAE
     res.transform, res.pairs, res.share
 
-`match_blocks(A, B)` solves the easier problem where the partition is known (two blocks of rows)
-with graduated assignment; the binding-SAE training recipe uses it to tie a split decoder back
-together.
+With the partition known (two given blocks of rows) the same evidence search is much easier:
+sae/matching.py does that for the binding recipe, and shares its map fit, cross-validation,
+chance null and evidence score with this module.
 
 Measured on the saved bench SAEs (TopK with 2n latents, d = 32, seeds 0-2): echoes found in all 3
 SAEs of the bound `ref` world (36-39 pairs, 111 of 112 right, share 0.79 ± 0.04) and all 3 of `over`
@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from sae.matching import chance_cos, fit_map, largest_agreeing_set, llr, log_marginal, validate
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,11 @@ class EchoConfig:
     stop_after: int = 2           # stop once this many seeds grew into ≥ min_pairs_per_dim·d pairs
     min_evidence: float = 0.5     # a pair the held-out map misses still counts if it fits in-sample
                                   # and agrees with the other pairs by ≥ this many nats per comparison
-    # match_blocks (known partition): graduated assignment on a Gaussian Gram-consistency affinity
-    sigma: float = 0.3            # Gram-consistency tolerance, in units of 1/√d (the cos spread)
-    beta_max: float = 200.0       # final inverse temperature of the annealing
-    beta_rate: float = 1.5
-    inner: int = 3                # assignment updates per temperature
-    restarts: int = 2             # graduated-assignment starts; the best refined fit is kept
-    # both
     refine_cos: float = 0.7       # pairs used to refit M while refining
-    min_cos: float = 0.8          # echo: cos(M w_i, w_j) ≥ min_cos under a map not fitted on (i, j)
-    self_min_cos: float = 0.85    # ...the same for find_echoes, where the partition is unknown too:
-                                  # on TopK SAEs of the bound world the wrong pairs that pass (merged
-                                  # latents) validate at 0.74–0.87, the correct ones mostly at > 0.9
+    self_min_cos: float = 0.85    # kept pairs: cos(M w_i, w_j) ≥ this under a map not fitted on
+                                  # (i, j) (0.8 where the partition is known): on TopK SAEs of the
+                                  # bound world the wrong pairs that pass (merged latents) validate
+                                  # at 0.74–0.87, the correct ones mostly at > 0.9
     null_false_pairs: float = 0.5 # ...and above the cos that chance alignment gives this many pairs
     min_pairs_per_dim: float = 1.0  # fewer pairs than this·d do not pin a map down: report none
     allow_unpinned: bool = False  # report pairs too few (< 2d/3) to cross-validate, on in-sample fit?
@@ -110,51 +105,25 @@ class EchoResult:
 
 
 # -- the search -----------------------------------------------------------------------------------
-def _log_marginal(vals: torch.Tensor, bw: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """log density of the off-diagonal Gram entries (units of 1/√d) on a grid: a Gaussian KDE, so
-    that heavy tails (near-duplicate rows) are not mistaken for rare, informative values."""
-    grid = torch.linspace(-8.0, 8.0, 641)   # step 0.025, fine enough for _interp's nearest point
-    if len(vals) > 20000:
-        vals = vals[torch.randperm(len(vals), generator=torch.Generator().manual_seed(0))[:20000]]
-    dens = torch.exp(-0.5 * ((grid[:, None] - vals[None, :]) / bw) ** 2).sum(1)
-    dens = dens / (dens.sum() * (grid[1] - grid[0]))
-    return grid, torch.log(dens.clamp_min(1e-4))
-
-
-def _interp(grid: torch.Tensor, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """table at the grid point nearest x (the grid step, 0.025, is a tenth of the KDE bandwidth)."""
-    pos = ((x - float(grid[0])) * (1.0 / float(grid[1] - grid[0]))).round_().clamp_(0, len(grid) - 1)
-    return table[pos.long()]
-
-
-def _llr(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, cfg: "EchoConfig") -> torch.Tensor:
-    """Evidence (nats) that two Gram entries a, b (units of 1/√d) are one inner product seen twice,
-    ⟨d_a, d_b⟩ = ⟨M d_a, M d_b⟩, rather than two unrelated entries: log N(a − b; 0, σ²) − log p((a+b)/2).
-    Agreement on a rare (large) value is worth much more than agreement near 0; clamped below."""
-    sig = cfg.llr_sigma
-    return (-0.5 * ((a - b) / sig) ** 2 - math.log(sig * math.sqrt(2 * math.pi))
-            - _interp(grid, table, (a + b) / 2)).clamp_min(-cfg.llr_cap)
-
-
 class _Evidence:
-    """K[(i,j),(k,l)] = _llr(G_ik, G_jl): evidence that candidates i→j and k→l are both echo pairs
-    of one orthogonal map; a candidate carries none about itself. Candidate p = i·m + j. Computed
-    on demand (the full matrix would be (m²)² floats)."""
+    """K[(i,j),(k,l)] = llr(G_ik, G_jl) (sae.matching): evidence that candidates i→j and k→l are
+    both echo pairs of one orthogonal map; a candidate carries none about itself. Candidate
+    p = i·m + j. Computed on demand (the full matrix would be (m²)² floats)."""
 
     def __init__(self, Gs: torch.Tensor, cfg: "EchoConfig"):
         self.G, self.cfg, self.m = Gs, cfg, Gs.shape[0]
-        self.grid, self.table = _log_marginal(Gs[~torch.eye(self.m, dtype=torch.bool)])
+        self.grid, self.table = log_marginal(Gs[~torch.eye(self.m, dtype=torch.bool)])
 
     def pairs(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """K[p, q] elementwise (broadcast)."""
         m = self.m
-        out = _llr(self.G[p // m, q // m], self.G[p % m, q % m], self.grid, self.table, self.cfg)
+        out = llr(self.G[p // m, q // m], self.G[p % m, q % m], self.grid, self.table, self.cfg.llr_sigma, self.cfg.llr_cap)
         return out.masked_fill(p == q, 0.0)
 
     def rows(self, p: torch.Tensor) -> torch.Tensor:
         """K[p, :] as (len(p), m, m): entry [n, k, l] is the candidate k→l."""
         i, j = p // self.m, p % self.m
-        out = _llr(self.G[i][:, :, None], self.G[j][:, None, :], self.grid, self.table, self.cfg)
+        out = llr(self.G[i][:, :, None], self.G[j][:, None, :], self.grid, self.table, self.cfg.llr_sigma, self.cfg.llr_cap)
         out[torch.arange(len(p)), i, j] = 0.0
         return out
 
@@ -202,13 +171,8 @@ def _clusters(K: _Evidence, seeds: torch.Tensor, cfg: "EchoConfig") -> tuple[tor
     s.diagonal(dim1=1, dim2=2).fill_(-1e9)
     r = min(cfg.pool, m * m)
     u, pool = s.view(B, -1).topk(r, dim=1)
-    agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~_conflicts(pool // m, pool % m) & (u[:, :, None] > -1e8)
-    A = agree.float() + 0.5 * torch.eye(r)
-    x = torch.softmax(u / 2.0, dim=1)
-    for _ in range(100):
-        x = x * (A @ x[:, :, None]).squeeze(2)
-        x = x / x.sum(1, keepdim=True).clamp_min(1e-30)
-    return pool, (x > 1.0 / (4 * r)) & (u > -1e8)
+    agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~_conflicts(pool // m, pool % m)
+    return pool, largest_agreeing_set(agree, u)
 
 
 def _grow(K: _Evidence, start: list[int], cfg: "EchoConfig") -> list[int]:
@@ -281,17 +245,6 @@ def _search(U: torch.Tensor, cfg: "EchoConfig") -> tuple[torch.Tensor, np.ndarra
     return None if best is None else best[1]
 
 
-def fit_map(A: torch.Tensor, B: torch.Tensor, kind: str = "orthogonal") -> torch.Tensor:
-    """M (column convention) minimising Σ ‖M a_p − b_p‖² over rows a_p of A, b_p of B."""
-    A, B = A.double(), B.double()
-    if kind == "orthogonal":
-        u, _, vt = torch.linalg.svd(B.T @ A)
-        return (u @ vt).float()
-    if kind == "linear":
-        return torch.linalg.lstsq(A, B).solution.T.float()
-    raise ValueError(f"unknown map kind {kind!r}")
-
-
 def _match(U: torch.Tensor, M: torch.Tensor, min_cos: float) -> tuple[np.ndarray, np.ndarray]:
     """Rows i → j (i ≠ j) by Hungarian matching of cos(M u_i, u_j); keep those ≥ min_cos."""
     MU = U @ M.T
@@ -310,104 +263,6 @@ def _refine(U: torch.Tensor, M: torch.Tensor, cfg: EchoConfig) -> tuple[torch.Te
         M = fit_map(U[r], U[c], cfg.map_kind)
     r, c = _match(U, M, cfg.refine_cos)
     return M, r, c
-
-
-def _validate(U: torch.Tensor, r: np.ndarray, c: np.ndarray, cfg: EchoConfig,
-              g: torch.Generator) -> tuple[torch.Tensor, bool]:
-    """cos(M u_i, u_j) for each pair, judged by a map fitted on the *other* pairs (leave-one-out, or
-    k-fold for many pairs). A held-out pair is predictable only if its source lies mostly in the
-    span of the other sources, so this needs P ≳ 2d/3 pairs; and M is pinned down only when P > d.
-    With fewer pairs only an orthogonal map's in-sample fit is any test (it must preserve the Gram
-    matrix); a linear map fits any ≤ d pairs and proves nothing. Returns (cos, validated)."""
-    P, d = len(r), U.shape[1]
-    if P < 2 * d / 3 + 1:
-        if cfg.map_kind != "orthogonal":
-            return torch.zeros(P), False
-        M = fit_map(U[r], U[c], cfg.map_kind)
-        return torch.nn.functional.cosine_similarity(U[r] @ M.T, U[c], dim=1), False
-    folds = P if P <= 200 else cfg.folds
-    fold = torch.randperm(P, generator=g) % folds
-    out = torch.zeros(P)
-    for f in range(folds):
-        test, train = (fold == f).numpy(), (fold != f).numpy()
-        M = fit_map(U[r[train]], U[c[train]], cfg.map_kind)
-        pred = U[r[test]] @ M.T
-        out[torch.from_numpy(test)] = torch.nn.functional.cosine_similarity(pred, U[c[test]], dim=1)
-    return out, True
-
-
-def _sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
-    """Row/column-normalise exp(logits) (ma, mb) with a slack row and column, so that rows and
-    columns may stay unmatched."""
-    ma, mb = logits.shape
-    L = torch.zeros(ma + 1, mb + 1, dtype=logits.dtype)
-    L[:ma, :mb] = logits
-    L[ma, mb] = -1e9
-    for _ in range(iters):
-        L[:ma] -= torch.logsumexp(L[:ma], dim=1, keepdim=True)
-        L[:, :mb] -= torch.logsumexp(L[:, :mb], dim=0, keepdim=True)
-    return L[:ma, :mb].exp()
-
-
-def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: EchoConfig = EchoConfig()) -> EchoResult:
-    """Echoes between two *given* blocks of rows (e.g. a binding SAE's slot-1 atoms and a free
-    slot-2 block): find pairs a → σ(a) with Gram(A)_ab ≈ Gram(B)_σ(a)σ(b) and one map B ≈ M A.
-    With the partition known this is ordinary graph matching, much easier than `find_echoes`.
-    Pairs index A (column 0) and B (column 1)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    A, B = A.detach().float().cpu(), B.detach().float().cpu()
-    Ua = A / A.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    Ub = B / B.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    na, nb, d = Ua.shape[0], Ub.shape[0], Ua.shape[1]
-    Ga, Gb = Ua @ Ua.T, Ub @ Ub.T
-    s2 = 2 * (cfg.sigma / math.sqrt(d)) ** 2
-    K = torch.exp(-(Ga[:, None, :, None] - Gb[None, :, None, :]).pow(2) / s2).reshape(na * nb, na * nb)
-    best = None
-    for _ in range(cfg.restarts):
-        X = (1 + 0.1 * torch.rand(na, nb, generator=g)) / max(na, nb)
-        beta = 1.0
-        while beta < cfg.beta_max:
-            for _ in range(cfg.inner):
-                Q = (K @ X.reshape(-1)).reshape(na, nb)
-                X = _sinkhorn(beta * (Q - Q.mean()) / Q.std().clamp_min(1e-12))
-            beta *= cfg.beta_rate
-        r, c = linear_sum_assignment(X.numpy(), maximize=True)
-        keep = X[r, c].numpy() > 0.5
-        if keep.sum() < 3:
-            continue
-        M = fit_map(Ua[r[keep]], Ub[c[keep]], cfg.map_kind)
-        for _ in range(cfg.refine_iters):      # refine on the bipartite cos(M a, b)
-            MA = Ua @ M.T
-            C = (MA / MA.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ Ub.T
-            r, c = linear_sum_assignment(C.numpy(), maximize=True)
-            ok = C[r, c].numpy() >= cfg.refine_cos
-            if ok.sum() < 3:
-                break
-            M = fit_map(Ua[r[ok]], Ub[c[ok]], cfg.map_kind)
-            r, c = r[ok], c[ok]
-        if best is None or len(r) > len(best[1]):
-            best = (M, r, c)
-    if best is None:
-        return EchoResult(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, na + nb)
-    M, r, c = best
-    Ucat = torch.cat([Ua, Ub])
-    cv, validated = _validate(Ucat, r, c + na, cfg, g)
-    keep = (cv >= _threshold(Ub, cfg, g)) & (validated or cfg.allow_unpinned)
-    pairs = torch.stack([torch.from_numpy(r), torch.from_numpy(c)], 1)[keep]
-    if len(pairs) >= 3:
-        M = fit_map(Ua[pairs[:, 0]], Ub[pairs[:, 1]], cfg.map_kind)
-    return EchoResult(M, pairs, cv[keep], 2 * len(pairs) / (na + nb), na + nb, len(pairs) > d)
-
-
-def _threshold(U: torch.Tensor, cfg: EchoConfig, g: torch.Generator, min_cos: float | None = None) -> float:
-    """max(min_cos, null): in few dimensions or with many rows chance alone gives high cosines.
-    null = the cos that a random direction's best row exceeds with probability null_false_pairs/m,
-    so that testing all m rows lets about null_false_pairs false pairs through."""
-    m = U.shape[0]
-    level = min(0.5, cfg.null_false_pairs / m)
-    r = torch.randn(max(4000, int(20 / level)), U.shape[1], generator=g)
-    best = ((r / r.norm(dim=1, keepdim=True)) @ U.T).amax(1)
-    return max(cfg.min_cos if min_cos is None else min_cos, float(torch.quantile(best, 1 - level)))
 
 
 def find_echoes(W: torch.Tensor, cfg: EchoConfig = EchoConfig(),
@@ -429,8 +284,8 @@ def find_echoes(W: torch.Tensor, cfg: EchoConfig = EchoConfig(),
     if best is None or len(best[1]) < 3:
         return EchoResult(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, m_all)
     M, r, c, evidence = best
-    cv, validated = _validate(U, r, c, cfg, g)
-    thr = _threshold(U, cfg, g, cfg.self_min_cos)
+    cv, validated = validate(U[r], U[c], g, cfg.map_kind, cfg.folds)
+    thr = chance_cos(U, g, cfg.self_min_cos, cfg.null_false_pairs)
     trivial = (U[r] * U[c]).sum(1) >= thr             # already aligned: a duplicate, not an echo
     # A pair whose source direction no other pair covers fails the held-out test though it is
     # right; the Gram evidence against all other pairs still tests it (without a fitted map).

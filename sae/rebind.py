@@ -10,17 +10,16 @@ because an orthogonal M preserves the Gram matrix. So, of the step budget T:
              It rarely finds the correspondence, but its shared D settles on one slot's atoms.
   2. split   (45%) untie: a standard SAE of the same sparsity rule whose decoder starts as
              [D; M_2 D; ...] (and the same encoder). Its free blocks settle on the other slots.
-  3. match   graph matching (sae.eval.echo.match_blocks) of block 1 against the live rows of the
+  3. match   graph matching (sae.matching.match_blocks) of block 1 against the live rows of the
              other blocks gives, per slot, a correspondence and M_s (Procrustes); slot-s latents
              are reordered by it, encoder columns moved with them.
   4. rebind  (30%) the caller's model starts from D = block 1 and the fitted M_s, and is trained.
 
 If matching finds fewer than MIN_PAIRS pairs for a slot, step 4 starts from the step-1 model
 instead (`rebind_fallback` = 1). With more atoms than dimensions the matched pairs must be
-cross-validated, which needs about 2d/3 of them; the matching sees at most MATCH_ROWS rows, so
-above d ≈ 190 it can never succeed: the recipe then trains plainly for the whole budget
-(`rebind_skipped` = 1) instead of wasting the split phase (measured at d = 384: the fallback run
-ended at FVU 0.031 against 0.025 for a plain run of the same budget).
+cross-validated, which needs about 2d/3 of them; the matching sees at most MATCH_ROWS rows per
+block, so above d ≈ 1500 it can never succeed: the recipe then trains plainly for the whole budget
+(`rebind_skipped` = 1) instead of wasting the split phase.
 
 Truth-free verdicts land in the metrics: `rebind_pairs` (smallest matched count over slots),
 `tie_cost` (FVU of the tied model minus that of the untied one: large means the data is not
@@ -38,13 +37,14 @@ from scipy.optimize import linear_sum_assignment
 
 from . import io
 from .binding import RULE_BASES, BindingSAE
+from .matching import MatchConfig, fit_map, match_blocks
 from .metrics import batch_metrics
 from .trainer import TrainResult, train
 
 BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
 MIN_PAIRS = 8  # fewer matched pairs than this and the match is not trusted
 MIN_USAGE = 1e-3  # latents firing on fewer tokens are dead: their rows only add chance structure
-MATCH_ROWS = 128  # graph matching costs (rows^2)^2: larger dictionaries match their most-used rows
+MATCH_ROWS = 1024  # matching costs ~rows^2 per step: larger dictionaries match their most-used rows
 EXTEND_COS = 0.7  # after the map is found, other rows pair up where cos(M a, b) reaches this
 SAMPLE_ROWS = 16384  # activations for usage, tie cost and slot usage
 
@@ -133,8 +133,6 @@ def _train_plain(model: BindingSAE, data, steps, seed, run_dir, resume, options)
 def rebind_(model: BindingSAE, bound: BindingSAE, split, usage: torch.Tensor, seed: int) -> dict:
     """Set `model` to D = the split SAE's first block and, per free slot, M_s and the slot's latents
     from matching its rows to block 1; fall back to `bound` where matching fails."""
-    from .eval.echo import EchoConfig, fit_map, match_blocks  # noqa: PLC0415 (scipy-heavy, eval-side)
-
     n, S, d = model.n_latents, model.cfg.n_slots, model.d_in
     W = split.decoder_rows().detach().float().cpu()
     U = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -142,11 +140,11 @@ def rebind_(model: BindingSAE, bound: BindingSAE, split, usage: torch.Tensor, se
     atoms = _most_used(live[:n].nonzero().squeeze(1), usage)
     pool = n + live[n:].nonzero().squeeze(1)
     # with more atoms than dimensions a true map is pinned down: demand cross-validated pairs
-    echo = EchoConfig(seed=seed, allow_unpinned=n <= d)
+    match_cfg = MatchConfig(seed=seed, allow_unpinned=n <= d)
     maps, sources, counts = [], [], []
     for _ in range(1, S):
         subset = _most_used(pool, usage)
-        res = match_blocks(U[atoms], U[subset], echo) if min(len(atoms), len(subset)) >= MIN_PAIRS else None
+        res = match_blocks(U[atoms], U[subset], match_cfg) if min(len(atoms), len(subset)) >= MIN_PAIRS else None
         if res is None or len(res.pairs) < MIN_PAIRS:
             counts.append(0 if res is None else len(res.pairs))
             break
