@@ -33,14 +33,15 @@ With the partition known (two given blocks of rows) the same evidence search is 
 sae/matching.py does that for the binding recipe, and shares its map fit, cross-validation,
 chance null and evidence score with this module.
 
-Measured on the saved bench SAEs (TopK with 2n latents, d = 32, seeds 0-2): echoes found in all 3
-SAEs of the bound `ref` world (36-39 pairs, 111 of 112 right, share 0.79 ± 0.04) and all 3 of `over`
-(96 atoms, 192 rows: 75-78 pairs, 228 of 229 right), none on any control (bag, slot_id,
-independent, magnitude, under, small rotations) or random 96×32 / 192×32 dictionary; 1-38 s per
-SAE on one CPU thread. Limits: only one orthogonal map (not 3 slots, not Gaussian M, whose Gram
-matrix is not preserved); it needs at least d pairs; the search costs grow with m² candidates, so
-dictionaries above `max_rows` (192) rows are analysed on a random subset, which loses pairs
-quadratically and makes it blind at d ≳ 128 (MiniLM, d = 384).
+Measured on the saved bench SAEs (TopK with 2n latents, seeds 0-2, one CPU thread): at d = 32
+echoes found in all 3 SAEs of the bound `ref` world (36-39 pairs, 111 of 112 right, share 0.79 ±
+0.04) and all 3 of `over` (96 atoms, 192 rows: 75-78 pairs, 228 of 229 right), none on any control
+(bag, slot_id, independent, magnitude, under, small rotations) or random 96×32 / 192×32 dictionary,
+1-38 s per SAE; at d = 256 (`wide`, 768 rows) all 336 pairs, none wrong, and none on its control,
+23 s. Limits: only one orthogonal map (not 3 slots, not Gaussian M, whose Gram matrix is not
+preserved); it reports nothing below d pairs, so a map that moves only part of a dictionary goes
+unseen; dictionaries above `max_rows` (1,024) rows are analysed on a random subset, which loses
+pairs quadratically.
 """
 from __future__ import annotations
 
@@ -66,7 +67,11 @@ class EchoConfig:
     # ...and at most seeds_per_candidate·m(m−1): caps the work on small dictionaries, binding only
     # below 96 rows (under's 48 live rows: 1,015 seeds, still 0 pairs; the planted tests pass)
     seeds_per_candidate: float = 0.45
-    seed_batch: int = 256
+    # ...and at most seed_work/m²: each seed costs ~m² evidence terms. Binds only above 192 rows
+    # (250 seeds at 768): there the first seeds suffice (d = 256 split SAE: the same 331 pairs from
+    # 300 seeds as from 4,000, in 23 s instead of 93 s; a random 720×256 dictionary: 23 s, not 382 s)
+    seed_work: float = 4000 * 192**2
+    seed_batch: int = 256         # at most; fewer when 2·batch·m² would pass 2^25 floats
     pool: int = 100               # candidates per seed handed to the clique step
     min_cluster: int = 7          # clique size a seed needs to be grown
     grow_evidence: float = 8.0    # nats a candidate needs against the growing set to join it
@@ -83,10 +88,11 @@ class EchoConfig:
     allow_unpinned: bool = False  # report pairs too few (< 2d/3) to cross-validate, on in-sample fit?
     folds: int = 5                # cross-validation folds above 200 pairs (leave-one-out below)
     refine_iters: int = 10
-    # above this, a random subset of rows: pairs survive only if both rows do. At 128 the 192-row
-    # `over` SAEs were found in 1-2 of 3 seeds, at 192 (whole) in 3 of 3, no false pairs on 192×32
-    # random dictionaries; 8-38 s at 192 rows on one thread (evidence is computed in batches).
-    max_rows: int = 192
+    # above this, a random subset of rows: pairs survive only if both rows do (at 128 the 192-row
+    # `over` SAEs were found in 1-2 of 3 seeds, whole in 3 of 3). With seed_work bounding the
+    # seeds, 768 rows took 23 s: all 336 echo pairs of the `wide` TopK SAE (d = 256), 0 on its
+    # `independent` control and on a random 720×256 dictionary.
+    max_rows: int = 1024
     seed: int = 0
 
 
@@ -144,7 +150,7 @@ def _edge_seeds(Gs: torch.Tensor, K: _Evidence, cfg: "EchoConfig") -> torch.Tens
     ok &= torch.minimum(i, k) < torch.minimum(j, l)               # {j→i, l→k} is the same seed for M⁻¹
     p1, p2 = (i * m + j)[ok], (k * m + l)[ok]
     score = K.pairs(p1, p2)
-    n = min(cfg.n_seeds, int(cfg.seeds_per_candidate * m * (m - 1)) + 1, len(score))
+    n = min(cfg.n_seeds, int(cfg.seeds_per_candidate * m * (m - 1)) + 1, int(cfg.seed_work / m**2) + 1, len(score))
     top = score.topk(n).indices
     return torch.stack([p1[top], p2[top]], 1)
 
@@ -219,8 +225,9 @@ def _search(U: torch.Tensor, cfg: "EchoConfig") -> tuple[torch.Tensor, np.ndarra
     seeds = _edge_seeds(Gs, K, cfg)
     enough = max(3, int(cfg.min_pairs_per_dim * d))
     best, found = None, 0
-    for b0 in range(0, len(seeds), cfg.seed_batch):
-        batch = seeds[b0:b0 + cfg.seed_batch]
+    per_batch = max(4, min(cfg.seed_batch, 2**24 // m**2))
+    for b0 in range(0, len(seeds), per_batch):
+        batch = seeds[b0:b0 + per_batch]
         pool, member = _clusters(K, batch, cfg)
         size = member.sum(1)
         for b in torch.argsort(size, descending=True).tolist():

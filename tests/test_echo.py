@@ -51,6 +51,16 @@ def test_analyses_dictionaries_up_to_max_rows_whole():
     assert right >= 0.9 * 70 and found - right <= 1
 
 
+def test_large_dictionaries_are_searched_with_a_bounded_seed_budget():
+    # 440 rows in d = 64: above 192 rows the seeds are capped (seed_work / m²), and the first
+    # seeds must still find the map
+    W, M, truth = planted(n=200, d=64, distractors=40, seed=1)
+    cfg = EchoConfig()
+    assert cfg.seed_work / len(W) ** 2 < cfg.n_seeds
+    right, found = hits(find_echoes(W, cfg), truth)
+    assert right >= 0.9 * 200 and found - right <= 1
+
+
 def test_reports_nothing_without_a_shared_map():
     g = torch.Generator().manual_seed(1)
     random_dict = unit(torch.randn(2 * N + 6, D_IN, generator=g))
