@@ -62,6 +62,7 @@ WORLDS = {
     "wide_independent": (dict(d=256, families=(128, 128, 128), control="independent"), 6),
 }
 DEFAULT_WORLDS = "ref,bag,slot_id,under"
+N_TEST = 4096  # test samples per (world, seed)
 
 
 def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: int, lr: float,
@@ -94,7 +95,7 @@ def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: in
 
 
 @torch.no_grad()
-def score(model, world, seed: int, n_test: int = 4096) -> dict:
+def score(model, world, seed: int, n_test: int = N_TEST) -> dict:
     test = world.sample(n_test, seed=10_000 + seed)
     codes = model.encode(test.x)
     W = model.W_dec.detach()
@@ -115,7 +116,7 @@ def score(model, world, seed: int, n_test: int = 4096) -> dict:
         out["ho_slot"] = bm.binding_accuracy(model.encode(ht.x), ht.coefs, latent, pairs=held).slot
         out["ho_coverage"] = float(bm.coverage(W, world.slot_atoms[held]).mean())
     if model.architecture != "binding":  # the echo detector on the standard SAE's live rows
-        out.update(echo_scores(model, world, seed))
+        out.update(echo_scores(model, world, seed, codes if n_test == N_TEST else None))
     if model.architecture == "binding":
         out["dict_mmcs"], _ = bm.dictionary_mmcs(D, world.slot_atoms)
         if world.transforms is not None:
@@ -128,12 +129,14 @@ def score(model, world, seed: int, n_test: int = 4096) -> dict:
 
 
 @torch.no_grad()
-def echo_scores(model, world, seed: int) -> dict:
-    """The echo detector on a standard SAE's live rows (`world` may be given by name)."""
-    if isinstance(world, str):
-        overrides, _ = WORLDS[world]
-        world = make_world(replace(WorldConfig(seed=seed), **overrides))
-    codes = model.encode(world.sample(4096, seed=10_000 + seed).x)
+def echo_scores(model, world, seed: int, codes=None) -> dict:
+    """The echo detector on a standard SAE's live rows, those that fire on the test sample
+    (`codes`: the model's codes on it, when already computed; `world` may be given by name)."""
+    if codes is None:
+        if isinstance(world, str):
+            overrides, _ = WORLDS[world]
+            world = make_world(replace(WorldConfig(seed=seed), **overrides))
+        codes = model.encode(world.sample(N_TEST, seed=10_000 + seed).x)
     echoes = find_echoes(model.W_dec.detach(), live=(codes != 0).any(0))
     return {"echo_pairs": len(echoes.pairs), "echo_share": echoes.share}
 

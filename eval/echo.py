@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae.matching import chance_cos, fit_map, largest_agreeing_set, llr, log_marginal, validate
+from sae.matching import chance_cos, fit_map, largest_agreeing_set, llr, log_marginal, strong_entries, validate
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,7 @@ def _edge_seeds(Gs: torch.Tensor, K: _Evidence, cfg: "EchoConfig") -> torch.Tens
     per row) that agree, best evidence first. Strong entries are rare, so their agreement is the
     most informative single comparison there is. Returns (n, 2) candidate ids i·m + j."""
     m = Gs.shape[0]
-    A = Gs.abs().clone()
-    A.fill_diagonal_(-1)
-    tau = float(torch.quantile(A[~torch.eye(m, dtype=torch.bool)], max(0.0, 1 - cfg.seed_degree / max(m - 1, 1))))
-    strong = (A >= tau).nonzero()
+    strong = strong_entries(Gs, cfg.seed_degree)
     e = strong[strong[:, 0] < strong[:, 1]]                       # unordered edge i–k
     i, k = e[:, :1], e[:, 1:2]
     j, l = strong[None, :, 0], strong[None, :, 1]                 # ordered edge j–l

@@ -23,10 +23,10 @@ Costs stay near (rows of A)·(rows of B) per step, so this runs on whole diction
 one CPU thread: on split-phase SAEs of bound worlds it found 40 of 40 true pairs at d = 32 (48
 atoms), 315 of 315 at d = 256 (384 atoms, 4 s) and 406 of 419 at d = 384 (576 atoms, 7 s), none
 wrong, and 0 pairs on the `independent` control (no shared map) at d = 256 (14 s: every seed is
-tried); 924 of 924 planted pairs between 1,024-row blocks in d = 768 in 50 s. (Graduated
-assignment, used before, held an (na·nb)² affinity: 1 GiB at 128 rows, so the recipe matched only
-the most-used 128 rows and could never validate a map at d ≳ 190.) `fit_map`, `validate`,
-`chance_cos`, `llr` and `largest_agreeing_set` are shared with the echo detector (eval/echo.py).
+tried); 924 of 924 planted pairs between 1,024-row blocks in d = 768 in 50 s. (Graduated assignment,
+used before, held an (na·nb)² affinity: 1 GiB at 128 rows, so the recipe matched only the most-used
+128 rows and could never validate a map at d ≳ 190.) `fit_map`, `validate`, `chance_cos`, `llr`,
+`strong_entries` and `largest_agreeing_set` are shared with the echo detector (eval/echo.py).
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ class _Evidence:
 
 
 # -- the search -----------------------------------------------------------------------------------
-def _strong(G: torch.Tensor, degree: float) -> torch.Tensor:
+def strong_entries(G: torch.Tensor, degree: float) -> torch.Tensor:
     """(E, 2) index pairs of the off-diagonal entries with the largest |G|, about `degree` per row."""
     m = G.shape[0]
     A = G.abs().clone()
@@ -183,7 +183,7 @@ def _strong(G: torch.Tensor, degree: float) -> torch.Tensor:
 
 def _seeds(K: _Evidence) -> torch.Tensor:
     """(n, 2) candidate pairs {a→b, a'→b'} on strong entries of both Gram matrices, best first."""
-    ea, eb = _strong(K.Ga, K.cfg.seed_degree), _strong(K.Gb, K.cfg.seed_degree)
+    ea, eb = strong_entries(K.Ga, K.cfg.seed_degree), strong_entries(K.Gb, K.cfg.seed_degree)
     ea = ea[ea[:, 0] < ea[:, 1]]                 # unordered a–a' against ordered b–b': each seed once
     p1 = (ea[:, :1] * K.nb + eb[None, :, 0]).reshape(-1)
     p2 = (ea[:, 1:] * K.nb + eb[None, :, 1]).reshape(-1)
