@@ -20,13 +20,14 @@ Pairs are then kept only if a map fitted *without them* predicts them (cross-val
 needs ≳ 2d/3 pairs) and they beat the cosine that chance alignment reaches.
 
 Costs stay near (rows of A)·(rows of B) per step, so this runs on whole dictionaries. Measured on
-one CPU thread: on split-phase SAEs of bound worlds it found 40 of 40 true pairs at d = 32 (48
-atoms), 315 of 315 at d = 256 (384 atoms, 4 s) and 406 of 419 at d = 384 (576 atoms, 7 s), none
-wrong, and 0 pairs on the `independent` control (no shared map) at d = 256 (14 s: every seed is
-tried); 924 of 924 planted pairs between 1,024-row blocks in d = 768 in 50 s. (Graduated assignment,
-used before, held an (na·nb)² affinity: 1 GiB at 128 rows, so the recipe matched only the most-used
-128 rows and could never validate a map at d ≳ 190.) `fit_map`, `validate`, `chance_cos`, `llr`,
-`strong_entries` and `largest_agreeing_set` are shared with the echo detector (eval/echo.py).
+one CPU thread (one-off scripts): on split-phase SAEs of bound worlds it found 40 of 40 true pairs
+at d = 32 (48 atoms), 315 of 315 at d = 256 (384 atoms, 4 s) and 406 of 419 at d = 384 (576 atoms, 7
+s), none wrong, and 0 pairs on the `independent` control (no shared map) at d = 256 (14 s: every
+seed is tried); 924 of 924 planted pairs between 1,024-row blocks in d = 768 in 50 s. (Graduated
+assignment, used before, held an (na·nb)² affinity: 1 GiB at 128 rows, so the recipe matched only
+the most-used 128 rows and could never validate a map at d ≳ 190.) `fit_map`, `validate`,
+`chance_cos`, `llr`, `strong_entries` and `largest_agreeing_set` are shared with the echo detector
+(eval/echo.py).
 """
 from __future__ import annotations
 
