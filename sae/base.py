@@ -17,11 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-
-
-def option(default, help: str):
-    """A config field with its --help text (train.py builds its command line from these)."""
-    return field(default=default, metadata={"help": help})
+from .config import option
 
 
 @dataclass

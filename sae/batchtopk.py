@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .base import Code, option
+from .base import Code
+from .config import option
 from .topk import TopKConfig, TopKFamily
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SAE, Code, ComposedSAE, SAEConfig, option
+from .base import SAE, Code, ComposedSAE, SAEConfig
+from .config import option
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .relu import ReLUConfig, ReLUSAE

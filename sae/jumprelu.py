@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, Code, SAEConfig, option
+from .base import SAE, Code, SAEConfig
+from .config import option
 
 
 @dataclass

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import SAE, Code, SAEConfig, option
+from .base import SAE, Code, SAEConfig
+from .config import option
 
 
 @dataclass

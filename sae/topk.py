@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .base import SAE, Code, SAEConfig, option
+from .base import SAE, Code, SAEConfig
+from .config import option
 
 
 @dataclass

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io
-from .base import SAE, option
+from .base import SAE
+from .config import option
 from .metrics import batch_metrics, evaluate
 
 

