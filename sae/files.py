@@ -167,8 +167,10 @@ def replacing_dir(path: str | os.PathLike, kind: str, recognise: Callable[[Path]
     try:
         _public(tmp, folder=True)
         yield tmp
-        for f in tmp.rglob("*"):
-            fsync_path(f) if f.is_file() else None
+        for f in tmp.rglob("*"):  # writers such as safetensors create private files
+            _public(f, folder=f.is_dir())
+            if f.is_file():
+                fsync_path(f)
         check_output_dir(path, kind, recognise)  # still true now that we are about to swap
         old = None
         if path.exists():
@@ -190,10 +192,14 @@ class DirLock:
     """An exclusive flock on a folder, held while a process writes into it.
 
     The lock lives on the folder's open descriptor, not in a file, so it vanishes with the process
-    (even after SIGKILL) and leaves nothing behind. A second writer gets BusyError at once."""
+    (even after SIGKILL) and leaves nothing behind. A second writer gets BusyError at once. Within
+    one process the lock is re-entrant (the binding recipe locks a run folder whose last phase
+    trains in it again): flock would otherwise refuse the process its own second descriptor."""
+
+    _held: dict[tuple[int, int], int] = {}  # (device, inode) -> depth, for this process
 
     def __init__(self, path: str | os.PathLike, what: str, hint: str = ""):
-        self.path, self.what, self.hint, self.fd = Path(path), what, hint, None
+        self.path, self.what, self.hint, self.fd, self.key = Path(path), what, hint, None, None
 
     def acquire(self) -> DirLock:
         make_dirs(self.path)
@@ -203,19 +209,30 @@ class DirLock:
             raise OutputError(f"{self.path} exists and is not a folder") from None
         except PermissionError:
             raise OutputError(f"{self.path}: permission denied") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
+        if self._held.get(self.key):
             os.close(fd)
-            raise BusyError(f"{self.path} is in use by another process writing {self.what}; "
-                            f"wait for it to finish{self.hint}") from None
-        self.fd = fd
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BusyError(f"{self.path} is in use by another process writing {self.what}; "
+                                f"wait for it to finish{self.hint}") from None
+            self.fd = fd
+        self._held[self.key] = self._held.get(self.key, 0) + 1
         return self
 
     def release(self):
+        if self.key is None:
+            return
+        self._held[self.key] -= 1
+        if not self._held[self.key]:
+            del self._held[self.key]
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
+        self.fd = self.key = None
 
     def __enter__(self):
         return self.acquire()

@@ -5,14 +5,14 @@ A dictionary directory holds
     sae_weights.safetensors   W_enc, W_dec, b_enc, b_dec (+ threshold), SAELens keys and orientation
     sparsity.safetensors      "sparsity": log10 feature density per latent (optional)
 Everything is written to a temporary directory first and renamed into place, so a crash never
-leaves a half-written directory that looks complete. Only safetensors and JSON are read: no pickle.
+leaves a half-written directory that looks complete, and a dictionary replaces only a folder that
+is new, empty or an earlier dictionary: a user's other files are never deleted (sae/files.py).
+Only safetensors and JSON are read: no pickle.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import files
 from .base import SAE
 
 FORMAT_VERSION = 1
@@ -34,29 +35,9 @@ class LoadError(ValueError):
     """A directory or file that cannot be read as what it claims to be."""
 
 
-# ---- atomic writes ----------------------------------------------------------------------------
-def replace_dir(tmp: Path, final: Path):
-    """Move a finished temporary directory to `final`, replacing any previous version."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def temp_dir_beside(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
 def write_json(path: Path, obj):
-    """Atomically write JSON (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Atomically write JSON (sae.files: temporary name, fsync, rename)."""
+    files.write_json(path, obj)
 
 
 def read_json(path: Path) -> dict:
@@ -98,8 +79,7 @@ def save(model: SAE, path: str | os.PathLike, *, metadata: dict | None = None,
         "sae": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
                 "config": model.config_dict()},
     }
-    tmp = temp_dir_beside(final)
-    try:
+    with files.replacing_dir(final, "dictionary", is_dictionary) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE))
         if model.extra_weights_file:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in model.export_extra().items()},
@@ -108,10 +88,18 @@ def save(model: SAE, path: str | os.PathLike, *, metadata: dict | None = None,
             save_file({"sparsity": log_feature_density.detach().float().cpu().contiguous()},
                       str(tmp / SPARSITY_FILE))
         write_json(tmp / CFG_FILE, cfg)
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def is_dictionary(path: Path) -> bool:
+    """A folder this library saved a dictionary into, holding nothing else (safe to replace)."""
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    ours = isinstance(cfg, dict) and isinstance(cfg.get("sae"), dict)
+    extra = {cls.extra_weights_file for cls in SAE.registry.values() if cls.extra_weights_file}
+    return ours and files.only_files(path, {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, *extra})
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
@@ -210,13 +198,13 @@ def save_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer, st
     flat.update({f"extra.{k}": v for k, v in tensors.items()})
     flat = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
     meta = {"format_version": FORMAT_VERSION, "state": state, "optimizer_groups": opt_state["param_groups"]}
-    tmp = temp_dir_beside(path)
-    try:
+    with files.replacing_dir(path, "checkpoint", is_checkpoint) as tmp:
         save_file(flat, str(tmp / "tensors.safetensors"))
         write_json(tmp / "trainer.json", meta)  # written last: its presence marks a complete checkpoint
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return files.only_files(path, ("tensors.safetensors", "trainer.json"))
 
 
 def load_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, Tensor]]:

@@ -1,11 +1,14 @@
 """Dictionaries round-trip through our files and SAELens'; bad files fail with one clear error."""
 import json
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import sae
+from sae.files import OutputError
 from sae.io import LoadError
 
 ARCHS = [(sae.TopKSAE, {"k": 3}), (sae.BatchTopKSAE, {"k": 3}), (sae.JumpReLUSAE, {}), (sae.ReLUSAE, {})]
@@ -147,3 +150,55 @@ def test_invalid_options_in_cfg_are_reported(saved):
     (saved / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="invalid config for jumprelu"):
         sae.load(saved)
+
+
+def test_save_never_deletes_a_users_files(tmp_path):
+    model = trained_looking(sae.TopKSAE, {"k": 3})
+    folder = tmp_path / "paper"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "main.tex").write_text("\\documentclass{article}")
+    (folder / "figures" / "data.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(OutputError, match="holds files that are not a dictionary"):
+        model.save(folder)
+    assert (folder / "main.tex").read_text() == "\\documentclass{article}"
+    assert (folder / "figures" / "data.csv").read_text() == "a,b\n1,2\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["figures", "main.tex"]
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        model.save(notes)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "paper"]
+
+    model.save(tmp_path / "d")  # a dictionary with the user's file beside its own: not ours to replace
+    (tmp_path / "d" / "README.md").write_text("my notes on this dictionary")
+    with pytest.raises(OutputError, match="not a dictionary"):
+        model.save(tmp_path / "d")
+    assert (tmp_path / "d" / "README.md").exists()
+
+    (tmp_path / "empty").mkdir()
+    model.save(tmp_path / "empty")
+    assert sae.load(tmp_path / "empty").cfg.k == 3
+
+
+def test_a_saelens_folder_is_not_replaced(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir()
+    (d / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 10, "d_sae": 40}))
+    save_file({"W_enc": torch.zeros(10, 40)}, str(d / "sae_weights.safetensors"))
+    with pytest.raises(OutputError):
+        trained_looking(sae.TopKSAE, {"k": 3}).save(d)
+    assert json.loads((d / "cfg.json").read_text())["architecture"] == "standard"
+
+
+@pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_dictionaries_and_runs_honour_the_umask(tmp_path, mask, file_mode, dir_mode):
+    old = os.umask(mask)
+    try:
+        trained_looking(sae.BindingSAE, {"k": 3}).save(tmp_path / "d")
+        sae.train(sae.TopKSAE(10, 40, k=3), torch.randn(512, 10), steps=3, batch_size=64, run_dir=str(tmp_path / "r"))
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "d", *(tmp_path / "d").iterdir(), *(tmp_path / "r").rglob("*")]
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == (dir_mode if p.is_dir() else file_mode), p
