@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .config import option
+from .config import OptionError, option
 
 
 @dataclass
@@ -39,9 +39,9 @@ class SAEConfig:
         for name in ("d_in", "n_latents", "dead_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise OptionError(name, f"must be a positive integer, got {value!r}")
         if not self.decoder_init_norm > 0:
-            raise ValueError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm!r}")
+            raise OptionError("decoder_init_norm", f"must be > 0, got {self.decoder_init_norm!r}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import kernels
 from .base import Code
-from .config import option
+from .config import OptionError, option
 from .topk import TopKConfig, TopKFamily
 
 
@@ -25,7 +25,7 @@ class BatchTopKConfig(TopKConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.threshold_lr <= 1:
-            raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr!r}")
+            raise OptionError("threshold_lr", f"must be in (0, 1], got {self.threshold_lr!r}")
 
 
 class BatchTopKSAE(TopKFamily):

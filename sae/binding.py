@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SAE, Code, ComposedSAE, SAEConfig
-from .config import option
+from .config import OptionError, option
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .relu import ReLUConfig, ReLUSAE
@@ -44,18 +44,15 @@ class BindingConfig(SAEConfig):
 
     def __post_init__(self):
         if not isinstance(self.n_slots, int) or self.n_slots < 2:
-            raise ValueError(f"n_slots must be an integer >= 2, got {self.n_slots!r}")
-        if self.sparsity not in RULES:
-            raise ValueError(f"sparsity must be one of {', '.join(RULES)}, got {self.sparsity!r}")
-        if self.slot_transform not in TRANSFORMS:
-            raise ValueError(f"slot_transform must be one of {', '.join(TRANSFORMS)}, got {self.slot_transform!r}")
-        if self.transform_init not in TRANSFORM_INITS:
-            raise ValueError(f"transform_init must be one of {', '.join(TRANSFORM_INITS)}, got {self.transform_init!r}")
+            raise OptionError("n_slots", f"must be an integer >= 2, got {self.n_slots!r}")
+        for name, allowed in (("sparsity", RULES), ("slot_transform", TRANSFORMS), ("transform_init", TRANSFORM_INITS)):
+            if getattr(self, name) not in allowed:
+                raise OptionError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
         groups = self.slot_group_sizes
         if groups and (any(not isinstance(g, int) or g <= 0 for g in groups) or sum(groups) != self.n_latents):
-            raise ValueError(f"slot_group_sizes must be positive integers summing to n_latents={self.n_latents}, "
-                             f"got {groups}")
+            raise OptionError("slot_group_sizes", f"must be positive integers summing to n_latents={self.n_latents}, "
+                              f"got {groups}")
 
 
 class BindingSAE(ComposedSAE):

@@ -21,11 +21,18 @@ def flag(name: str) -> str:
 
 class OptionError(ValueError):
     """An invalid option value. str() names the field (library users pass fields); `cli_message`
-    names the flag (command-line users type flags)."""
+    names the flag (command-line users type flags). `problem` may name other options as {key},
+    with `others` mapping each key to its field name; `flag_name` overrides the flag shown."""
 
-    def __init__(self, name: str, problem: str, flag_name: str | None = None):
-        self.name, self.problem, self.flag = name, problem, flag_name or flag(name)
-        super().__init__(f"{name} {problem}")
+    def __init__(self, name: str, problem: str, flag_name: str | None = None, **others: str):
+        self.name, self.problem, self.others = name, problem, others
+        self.flag = flag_name or flag(name)
+        super().__init__(f"{name} {self._render(lambda field_name: field_name)}")
+
+    def _render(self, show) -> str:
+        if not self.others:
+            return self.problem
+        return self.problem.format(**{key: show(field_name) for key, field_name in self.others.items()})
 
     def cli_message(self) -> str:
-        return f"{self.flag} {self.problem}"
+        return f"{self.flag} {self._render(flag)}"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAE, Code, SAEConfig
-from .config import option
+from .config import OptionError, option
 
 
 @dataclass
@@ -28,11 +28,11 @@ class JumpReLUConfig(SAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.l0_coeff < 0 or not self.bandwidth > 0 or not self.init_threshold > 0:
-            raise ValueError(
-                "JumpReLU needs l0_coeff >= 0, bandwidth > 0 and init_threshold > 0, got "
-                f"{self.l0_coeff!r}, {self.bandwidth!r}, {self.init_threshold!r}"
-            )
+        if self.l0_coeff < 0:
+            raise OptionError("l0_coeff", f"must be >= 0, got {self.l0_coeff!r}")
+        for name in ("bandwidth", "init_threshold"):
+            if not getattr(self, name) > 0:
+                raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
 
 
 def _near_threshold(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .base import Code, ComposedSAE, SAEConfig
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .config import OptionError
 from .topk import TopKConfig, TopKSAE
 
 
@@ -30,8 +31,8 @@ class MatryoshkaConfig(SAEConfig):
             self.group_sizes.append(n - sum(self.group_sizes))
             self.group_sizes = [g for g in self.group_sizes if g > 0]
         if any(not isinstance(g, int) or g <= 0 for g in self.group_sizes) or sum(self.group_sizes) != self.n_latents:
-            raise ValueError(f"group_sizes must be positive integers summing to n_latents={self.n_latents}, "
-                             f"got {self.group_sizes}")
+            raise OptionError("group_sizes", f"must be positive integers summing to n_latents={self.n_latents}, "
+                              f"got {self.group_sizes}")
 
     @property
     def prefixes(self) -> list[int]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import kernels
 from .base import SAE, Code, SAEConfig
-from .config import option
+from .config import OptionError, option
 
 
 @dataclass
@@ -24,9 +24,10 @@ class TopKConfig(SAEConfig):
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.k, int) or not 0 < self.k <= self.n_total:
-            raise ValueError(f"k must be an integer in [1, {self.n_total}], got {self.k!r}")
-        if self.aux_k < 0 or self.aux_coeff < 0:
-            raise ValueError(f"aux_k and aux_coeff must be >= 0, got {self.aux_k!r}, {self.aux_coeff!r}")
+            raise OptionError("k", f"must be an integer in [1, {self.n_total}], got {self.k!r}")
+        for name in ("aux_k", "aux_coeff"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, f"must be >= 0, got {getattr(self, name)!r}")
 
 
 class TopKFamily(SAE):
