@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 import typing
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import sae
 from sae.base import SAE
+from sae.config import OptionError
+from sae.trainer import TrainingStopped
 
 DEFAULT_CACHE = Path("cache") / "scenes"
 
@@ -129,8 +132,11 @@ def build_sae(args, d_in: int) -> SAE:
         if name not in applicable:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch} ({concrete.__name__})")
         options[name] = value
-    n_latents = args.n_latents or args.expansion_factor * d_in
-    return cls(d_in, n_latents, **options)
+    if args.n_latents < 0:
+        raise OptionError("n_latents", f"must be >= 0 (0 = --expansion-factor * d_in), got {args.n_latents}")
+    if not args.n_latents and args.expansion_factor <= 0:
+        raise OptionError("expansion_factor", f"must be a positive integer, got {args.expansion_factor}")
+    return cls(d_in, args.n_latents or args.expansion_factor * d_in, **options)
 
 
 def ensure_default_cache() -> Path:
@@ -175,7 +181,8 @@ def torch_seed(seed: int):
 def print_metrics(metrics: dict):
     keys = ["fvu", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "l1", "dead_share", "dense_share"]
     width = max(map(len, keys))
-    print(f"end-of-run metrics over {metrics['tokens']} activations (eval mode, raw activations):")
+    print(f"end-of-run metrics over {metrics['tokens']} activations of the {metrics['data_rows']} in the data "
+          "(eval mode, raw activations):")
     for key in keys:
         print(f"  {key:<{width}}  {metrics[key]:.4g}")
 
@@ -200,11 +207,18 @@ def main(argv=None) -> int:
         if argv[:1] == ["cache"]:
             return run_cache(argv[1:])
         return run_training(argv)
+    except TrainingStopped as e:
+        again = " ".join(shlex.quote(a) for a in ["python", "train.py", *argv] if a != "--resume")
+        print(f"{e.signal_name} at step {e.step}: checkpoint written in {e.run_dir}; "
+              f"continue with: {again} --resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted: finished checkpoints/shards are kept; rerun with --resume to continue",
-              file=sys.stderr)
+        print("interrupted: finished shards are kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    except (ValueError, OSError, FloatingPointError) as e:  # LoadError is a ValueError
+    except OptionError as e:
+        print(f"error: {e.cli_message()}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, FloatingPointError) as e:  # LoadError, CacheError, OutputError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
 

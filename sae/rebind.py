@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from . import io
+from . import files, io
 from .binding import RULE_BASES, BindingSAE
 from .matching import MatchConfig, fit_map, match_blocks
 from .metrics import batch_metrics
+from .config import OptionError
+from .run_dir import RunDir, is_run
 from .trainer import TrainResult, train
 
 BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
@@ -60,9 +62,25 @@ def train_binding(model: BindingSAE, data, **options) -> TrainResult:
         raise ValueError(f"the binding recipe needs at least 4 steps, got {steps} (or use binding_recipe='plain')")
     if cfg.n_latents > model.d_in and MATCH_ROWS < 2 * model.d_in / 3 + 1:
         return _train_plain(model, data, steps, seed, run_dir, resume, options)
+    if not run_dir:
+        return _train_phases(model, data, steps, seed, None, False, options)
+    files.check_output_dir(run_dir, "training run", is_run)  # refuse before the first phase trains
+    with RunDir(run_dir).lock:  # held across phases; each phase's own train() re-enters it
+        phases = Path(run_dir) / "phases"
+        if not resume and _has_progress(phases):
+            raise OptionError("run_dir", f"{run_dir} holds a binding run with finished or checkpointed phases: "
+                              "continue it with {resume} or choose another folder", resume="resume")
+        return _train_phases(model, data, steps, seed, run_dir, resume, options)
+
+
+def _has_progress(phases: Path) -> bool:
+    return any(phases.glob("*/metrics.json")) or any(phases.glob("*/checkpoints/step_*/trainer.json"))
+
+
+def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options) -> TrainResult:
+    cfg = model.cfg
+    bind_steps, split_steps = int(BIND_SHARE * steps), int(SPLIT_SHARE * steps)
     phases = Path(run_dir) / "phases" if run_dir else None
-    if phases is not None and phases.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume to continue it or choose another run_dir")
 
     def run_phase(name, m, n_steps, phase_seed, keep):
         opts = dict(options, steps=n_steps, seed=phase_seed, binding_recipe="plain")
@@ -73,7 +91,7 @@ def train_binding(model: BindingSAE, data, **options) -> TrainResult:
         where = phases / name
         if (where / "metrics.json").exists():  # finished before an interruption
             return TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
-        return train(m, data, run_dir=str(where), resume=where.exists(), **opts)
+        return train(m, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
 
     # 1. bind: free transforms from a random orthogonal start find the slot partition
     torch.manual_seed(seed)
@@ -100,7 +118,7 @@ def train_binding(model: BindingSAE, data, **options) -> TrainResult:
     # 4. rebind
     result = train(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
                                           binding_recipe="plain", b_dec_init="keep", run_dir=run_dir,
-                                          resume=resume))
+                                          resume=resume and (Path(run_dir) / "config.json").exists()))
     with torch.no_grad():
         tied, untied = model(x), split(x)
         active = tied.codes > 0

@@ -11,12 +11,12 @@ bit-identical (on CPU) to one that never stopped.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
+import signal
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -26,8 +26,11 @@ from tqdm.auto import tqdm
 
 from . import io
 from .base import SAE
-from .config import option
+from .config import OptionError, option
 from .metrics import batch_metrics, evaluate
+from .run_dir import RunDir, describe_data
+
+L0_TOLERANCE = 0.2  # relative: a final L0 further than this from target_l0 is reported as missed
 
 
 @dataclass
@@ -69,33 +72,32 @@ class TrainConfig:
         positive = ("steps", "batch_size", "init_batches", "log_every", "eval_tokens", "keep_checkpoints")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise OptionError(name, f"must be a positive integer, got {getattr(self, name)!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise OptionError("lr", f"must be a positive number, got {self.lr!r}")
         for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
+                raise OptionError(name, f"must be a fraction in [0, 1], got {getattr(self, name)!r}")
         if self.lr_warmup + self.lr_decay > 1:
-            raise ValueError(f"lr_warmup + lr_decay must be <= 1, got {self.lr_warmup + self.lr_decay}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
-        if self.target_l0 < 0 or self.l0_gain <= 0:
-            raise ValueError(f"target_l0 must be >= 0 and l0_gain > 0, got {self.target_l0!r}, {self.l0_gain!r}")
-        if self.grad_clip < 0 or self.checkpoint_every < 0 or self.splice_every < 0 or self.splice_sequences <= 0:
-            raise ValueError("grad_clip, checkpoint_every and splice_every must be >= 0, splice_sequences > 0")
+            raise OptionError("lr_warmup", f"+ {{lr_decay}} must be <= 1, got {self.lr_warmup + self.lr_decay}",
+                              lr_decay="lr_decay")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise OptionError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("target_l0", "grad_clip", "checkpoint_every", "splice_every"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, f"must be >= 0, got {getattr(self, name)!r}")
+        for name in ("l0_gain", "splice_sequences"):
+            if not getattr(self, name) > 0:
+                raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
         choices = {"b_dec_init": ("geometric_median", "mean", "zeros", "keep"), "binding_recipe": ("rebind", "plain"),
                    "device": ("auto", "cpu", "cuda"),
                    "autocast": ("auto", "none", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise OptionError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.resume and not self.run_dir:
-            raise ValueError("resume needs a run_dir")
-
-
-# Options that may differ between a run and its resumption: they do not change the numbers.
-RESUMABLE_DIFFERENCES = {"resume", "run_dir", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "eval_tokens", "wandb", "wandb_project", "device", "splice_every", "splice_sequences"}
+            raise OptionError("resume", "needs a {run_dir}", run_dir="run_dir")
 
 
 @dataclass
@@ -141,19 +143,25 @@ def steer_l0(state: LoopState, l0: float, cfg: TrainConfig):
         state.log_coeff_mult = min(max(state.log_coeff_mult + cfg.l0_gain * error, -30.0), 30.0)
 
 
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped training after a checkpoint at the current step was written."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name} at step {step}: checkpoint written in {run_dir}; "
+                         "continue with resume=True")
+
+
 def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
           metadata: dict | None = None, **options) -> TrainResult:
     """Train `model` on `data` (a (N, d_in) tensor or a cache directory). Options: TrainConfig fields.
 
     `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
     is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
+    With a run_dir, SIGTERM/SIGINT checkpoint the current step and raise TrainingStopped.
     """
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown training option {', '.join(unknown)}; "
-                         "model options (k, l1_coeff, ...) are set when constructing the SAE")
-    cfg = TrainConfig(**options)
+    cfg = make_config(options)
     if getattr(model, "architecture", "") == "binding" and cfg.binding_recipe == "rebind" \
             and model.cfg.slot_transform != "identity":  # the identity control has no M to find
         from .rebind import train_binding  # noqa: PLC0415
@@ -161,113 +169,235 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         return train_binding(model, data, callback=callback, metadata=metadata, **asdict(cfg))
     if cfg.target_l0 > 0 and not hasattr(model.cfg, "l1_coeff") and not hasattr(model.cfg, "l0_coeff"):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device.type == "cuda")
+    device = pick_device(cfg.device)
 
     from .store import make_store  # noqa: PLC0415 (the store imports safetensors readers lazily too)
 
     store = make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=cfg.hook or None)
     if store.d_in != model.d_in:
         raise ValueError(f"data has d_in={store.d_in} but the SAE expects d_in={model.d_in}")
-    if hasattr(store, "cache"):
-        metadata = {"model_name": store.cache.manifest.get("model"), "hook_name": store.hook, **(metadata or {})}
-    monitor = make_splice_monitor(cfg, metadata or {}, device) if cfg.splice_every else None
+    metadata = data_metadata(store, metadata)
+    monitor = make_splice_monitor(cfg, metadata, device) if cfg.splice_every else None
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=device.type == "cuda")
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    run_record = {"train": asdict(cfg), "architecture": model.architecture, "model": model.config_dict(),
-                  "data": describe_data(data, cfg.hook)}
+    record = {"train": asdict(cfg), "architecture": model.architecture, "model": model.config_dict(),
+              "data": describe_data(data, cfg.hook)}
+    run = RunDir(cfg.run_dir) if cfg.run_dir else None
+    checkpoint = run.open(record, cfg.resume) if run is not None else None
+    try:
+        if checkpoint is not None:
+            state = restore(run, checkpoint, model, optimizer, store, device)
+        else:
+            torch.manual_seed(cfg.seed)
+            state = LoopState(scale=initialise(model, store, cfg, device))
+        wandb_run = start_wandb(cfg, record, run, state) if cfg.wandb else None
+        with StopSignals(enabled=run is not None) as stop:
+            run_steps(Loop(model, optimizer, store, cfg, state, device, run, monitor, wandb_run, callback, stop))
+        return finish(model, store, cfg, state, device, run, metadata, wandb_run)
+    finally:
+        if run is not None:
+            run.close()
 
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        print(f"resume: no checkpoint in {run_dir}, starting from scratch")
-    if checkpoint is not None:
-        check_same_run(run_dir, run_record)
-        saved, extras = io.load_checkpoint(checkpoint, model, optimizer)
-        state = LoopState(**saved["loop"])
-        store.load_state_dict(saved["store"])
-        torch.set_rng_state(extras["cpu_rng"])
-        if device.type == "cuda" and "cuda_rng" in extras:
-            torch.cuda.set_rng_state(extras["cuda_rng"])
-        truncate_log(run_dir / "log.jsonl", state.step)
-    else:
-        if run_dir is not None:
-            refuse_to_overwrite(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            io.write_json(run_dir / "config.json", run_record)
-        torch.manual_seed(cfg.seed)
-        state = LoopState(scale=initialise(model, store, cfg, device))
 
-    wandb_run = start_wandb(cfg, run_record, run_dir, state.wandb_id) if cfg.wandb else None
-    if wandb_run is not None:
-        state.wandb_id = wandb_run.id
+def make_config(options: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown training option {', '.join(unknown)}; "
+                         "model options (k, l1_coeff, ...) are set when constructing the SAE")
+    return TrainConfig(**options)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise OptionError("device", f"cuda: torch sees no CUDA GPU (torch {torch.__version__}, {build}); use cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        "cpu" if name == "auto" else name)
+
+
+def data_metadata(store, metadata: dict | None) -> dict:
+    """cfg.json metadata: the caller's, over what a cache says about its model and hook (SAELens
+    reads model_class_name and model_from_pretrained_kwargs to load the model the same way)."""
+    if not hasattr(store, "cache"):
+        return dict(metadata or {})
+    manifest = store.cache.manifest
+    load = manifest.get("model_load") or {}
+    found = {"model_name": manifest.get("model"), "hook_name": store.hook}
+    for key in ("model_class_name", "model_from_pretrained_kwargs"):
+        if key in load:
+            found[key] = load[key]
+    if load:
+        found["model_load"] = load
+    return {**found, **(metadata or {})}
+
+
+def restore(run: RunDir, checkpoint: Path, model, optimizer, store, device) -> LoopState:
+    saved, extras = io.load_checkpoint(checkpoint, model, optimizer)
+    state = LoopState(**saved["loop"])
+    store.load_state_dict(saved["store"])
+    torch.set_rng_state(extras["cpu_rng"])
+    if device.type == "cuda" and "cuda_rng" in extras:
+        torch.cuda.set_rng_state(extras["cuda_rng"])
+    run.truncate_log(state.step)
+    return state
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send on pre-emption) and SIGINT stop training cleanly: the loop
+    finishes its step, writes a checkpoint and raises TrainingStopped. A second signal kills the
+    process at once, for a user who does not want to wait for the checkpoint."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self.saved: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def __enter__(self):
+        if self.enabled:
+            self.saved = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Loop:
+    """What the step loop works with (one object, so each part of the loop is a short function)."""
+
+    model: SAE
+    optimizer: torch.optim.Optimizer
+    store: object
+    cfg: TrainConfig
+    state: LoopState
+    device: torch.device
+    run: RunDir | None
+    monitor: Callable | None
+    wandb_run: object
+    callback: Callable | None
+    stop: StopSignals
+
+
+def run_steps(loop: Loop):
+    cfg, state = loop.cfg, loop.state
+    use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and loop.device.type == "cuda")
     tokens_seen = state.step * cfg.batch_size
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0)
     logs: dict = {}
-    while state.step < cfg.steps:
-        step = state.step
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        x = store.next_batch().to(device, non_blocking=True) * state.scale
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(x)
-        losses = dict(out.losses)
-        if "sparsity" in losses:
-            losses["sparsity"] = losses["sparsity"] * (sparsity_factor(step, cfg) * math.exp(state.log_coeff_mult))
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        model.remove_parallel_grad_()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        model.normalize_decoder_()
-        if cfg.target_l0 > 0:
-            steer_l0(state, out.code.l0().item(), cfg)
-        state.step = step = step + 1
-        tokens_seen += x.shape[0]
-        splice_logs = monitor(model, step, scale=state.scale) if monitor is not None else {}
+    try:
+        while state.step < cfg.steps:
+            x, out, losses, loss = step(loop, use_bf16)
+            tokens_seen += x.shape[0]
+            splice_logs = loop.monitor(loop.model, state.step, scale=state.scale) if loop.monitor else {}
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps or splice_logs:
+                logs = log_step(loop, x, out, losses, loss, tokens_seen, splice_logs)
+                bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
+            bar.update(1)
+            checkpointed = loop.run is not None and (
+                state.step == cfg.steps or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0))
+            if checkpointed:
+                save_checkpoint(loop)
+            if loop.callback is not None:
+                loop.callback(state.step, logs)
+            if loop.stop.signum is not None:  # a signal arrived during this step: keep it, then stop
+                if not checkpointed:
+                    save_checkpoint(loop)
+                raise TrainingStopped(loop.stop.signum, state.step, loop.run.path)
+    finally:
+        bar.close()
 
-        if step % cfg.log_every == 0 or step == cfg.steps or splice_logs:
-            window = min(model.cfg.dead_tokens, tokens_seen)
-            logs = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                    **batch_metrics(x, out.x_hat, out.code.l0()),
-                    "dead_share": (model.tokens_since_fired >= window).float().mean().item(),
-                    "lr": optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
-                    **splice_logs, "time": time.time()}
-            bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
-            if run_dir is not None:
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(logs) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(logs, step=step)
-        bar.update(1)
-        if run_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(run_dir, cfg, model, optimizer, state, store)
-        if callback is not None:
-            callback(step, logs)
-    bar.close()
 
-    # The dictionary that leaves the trainer works on raw activations: fold the scale in.
+def step(loop: Loop, use_bf16: bool):
+    """One optimizer step; returns the batch, the model's output, the weighted losses and their sum."""
+    model, cfg, state, optimizer = loop.model, loop.cfg, loop.state, loop.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(state.step, cfg)
+    x = loop.store.next_batch().to(loop.device, non_blocking=True) * state.scale
+    with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = model(x)
+    losses = dict(out.losses)
+    if "sparsity" in losses:
+        losses["sparsity"] = losses["sparsity"] * (sparsity_factor(state.step, cfg) * math.exp(state.log_coeff_mult))
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    model.remove_parallel_grad_()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    model.normalize_decoder_()
+    if cfg.target_l0 > 0:
+        steer_l0(state, out.code.l0().item(), cfg)
+    state.step += 1
+    return x, out, losses, loss
+
+
+def log_step(loop: Loop, x, out, losses, loss, tokens_seen: int, splice_logs: dict) -> dict:
+    model, state = loop.model, loop.state
+    window = min(model.cfg.dead_tokens, tokens_seen)
+    logs = {"step": state.step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+            **batch_metrics(x, out.x_hat, out.code.l0()),
+            "dead_share": (model.tokens_since_fired >= window).float().mean().item(),
+            "lr": loop.optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
+            **splice_logs, "time": time.time()}
+    if loop.run is not None:
+        loop.run.append_log(logs)
+    if loop.wandb_run is not None:
+        loop.wandb_run.log(logs, step=state.step)
+    return logs
+
+
+def save_checkpoint(loop: Loop):
+    saved = {"loop": asdict(loop.state), "store": loop.store.state_dict()}  # floats round-trip exactly in JSON
+    extras = {"cpu_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        extras["cuda_rng"] = torch.cuda.get_rng_state()
+    loop.run.save_checkpoint(loop.state.step, loop.model, loop.optimizer, saved, extras, loop.cfg.keep_checkpoints)
+
+
+def finish(model: SAE, store, cfg: TrainConfig, state: LoopState, device, run: RunDir | None,
+           metadata: dict, wandb_run) -> TrainResult:
+    """Fold the activation scale in (the dictionary that leaves works on raw activations), measure
+    it, warn about missed targets, save it."""
     model.fold_activation_scale_(state.scale)
     model.eval()
-    eval_batches = max(1, cfg.eval_tokens // cfg.batch_size)
+    # Each stored row at most once: a small cache is not cycled to make the count look larger.
+    eval_batches = max(1, min(cfg.eval_tokens, store.n_rows) // cfg.batch_size)
     metrics, log_density = evaluate(model, (store.next_batch() for _ in range(eval_batches)), device)
-    metrics["activation_scale"] = state.scale
-    metrics["steps"] = state.step
+    metrics.update(activation_scale=state.scale, steps=state.step, data_rows=store.n_rows)
     if cfg.target_l0 > 0:
         metrics["sparsity_coeff_mult"] = math.exp(state.log_coeff_mult)
-    if run_dir is not None:
-        io.save(model, run_dir / "sae", metadata=metadata, log_feature_density=log_density)
-        io.write_json(run_dir / "metrics.json", metrics)
+        check_l0_target(metrics, cfg)
+    if run is not None:
+        io.save(model, run.path / "sae", metadata=metadata, log_feature_density=log_density)
+        io.write_json(run.path / "metrics.json", metrics)
     if wandb_run is not None:
         wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         wandb_run.finish()
-    return TrainResult(model, metrics, run_dir)
+    return TrainResult(model, metrics, run.path if run is not None else None)
+
+
+def check_l0_target(metrics: dict, cfg: TrainConfig):
+    """The L0 controller is slow integral control: say so when it did not get there."""
+    ratio = metrics["l0"] / cfg.target_l0
+    metrics["target_l0"] = cfg.target_l0
+    metrics["target_l0_missed"] = not (1 - L0_TOLERANCE <= ratio <= 1 + L0_TOLERANCE)
+    if metrics["target_l0_missed"]:
+        warnings.warn(f"target_l0 {cfg.target_l0:g} missed: final L0 {metrics['l0']:.1f} is off by more than "
+                      f"{L0_TOLERANCE:.0%} (coefficient multiplier {metrics['sparsity_coeff_mult']:.3g}); "
+                      "train for more steps or raise l0_gain", stacklevel=3)
 
 
 def make_splice_monitor(cfg: TrainConfig, metadata: dict, device):
@@ -301,78 +431,10 @@ def initialise(model: SAE, store, cfg: TrainConfig, device) -> float:
     return scale
 
 
-# ---- run directory ----------------------------------------------------------------------------
-def describe_data(data, hook: str) -> dict:
-    """Enough to tell whether a resumed run reads the same data."""
-    if torch.is_tensor(data):
-        digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha256": digest}
-    path = Path(data)
-    manifest = path / "manifest.json"
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    return {"cache": str(path.resolve()), "hook": hook, "manifest_sha256": digest}
-
-
-def refuse_to_overwrite(run_dir: Path):
-    if (run_dir / "config.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume to continue it or choose another run_dir")
-
-
-def check_same_run(run_dir: Path, record: dict):
-    saved = io.read_json(run_dir / "config.json")
-    differences = []
-    for section in ("architecture", "model", "data"):
-        if saved.get(section) != record[section]:
-            differences.append(section)
-    for key, value in record["train"].items():
-        if key not in RESUMABLE_DIFFERENCES and saved.get("train", {}).get(key) != value:
-            differences.append(f"{key} ({saved.get('train', {}).get(key)!r} -> {value!r})")
-    if differences:
-        raise ValueError(f"cannot resume {run_dir}: its checkpoint is from another config "
-                         f"(differs in {', '.join(differences)})")
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def latest_checkpoint(run_dir: Path | None) -> Path | None:
-    if run_dir is None or not checkpoint_dir(run_dir).is_dir():
-        return None
-    complete = sorted(p for p in checkpoint_dir(run_dir).glob("step_*") if (p / "trainer.json").is_file())
-    return complete[-1] if complete else None
-
-
-def save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, state: LoopState, store):
-    saved = {"loop": asdict(state), "store": store.state_dict()}  # floats round-trip exactly in JSON
-    extras = {"cpu_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        extras["cuda_rng"] = torch.cuda.get_rng_state()
-    io.save_checkpoint(checkpoint_dir(run_dir) / f"step_{state.step:09d}", model, optimizer, saved, extras)
-    finished = sorted(checkpoint_dir(run_dir).glob("step_*"))
-    for old in finished[: max(len(finished) - cfg.keep_checkpoints, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def truncate_log(path: Path, step: int):
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line cut short by the kill
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def start_wandb(cfg: TrainConfig, record: dict, run_dir: Path | None, run_id: str | None):
+def start_wandb(cfg: TrainConfig, record: dict, run: RunDir | None, state: LoopState):
     import wandb  # noqa: PLC0415 (slow import, optional dependency at run time)
 
-    return wandb.init(project=cfg.wandb_project, config=record, id=run_id, resume="allow",
-                      dir=str(run_dir) if run_dir else None,
-                      name=run_dir.name if run_dir else None)
+    wandb_run = wandb.init(project=cfg.wandb_project, config=record, id=state.wandb_id, resume="allow",
+                           dir=str(run.path) if run else None, name=run.path.name if run else None)
+    state.wandb_id = wandb_run.id
+    return wandb_run

@@ -1,6 +1,7 @@
 """train.py from the command line: every option listed, bad input refused in one line, resumable."""
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,13 +52,14 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "-1"], "lr must be a positive number"),
-    (["--steps", "0"], "steps must be a positive integer"),
-    (["--k", "0"], "k must be an integer in [1, 128]"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--k", "0"], "--k must be an integer in [1, 128]"),
+    (["--expansion-factor", "0"], "--expansion-factor must be a positive integer"),
     (["--arch", "relu", "--k", "4"], "--k does not apply to --arch relu"),
     (["--arch", "topk", "--l1-coeff", "4"], "--l1-coeff does not apply to --arch topk"),
-    (["--arch", "binding", "--slot-transform", "rotate"], "slot_transform must be one of"),
-    (["--b-dec-init", "median"], "b_dec_init must be one of"),
+    (["--arch", "binding", "--slot-transform", "rotate"], "--slot-transform must be one of"),
+    (["--b-dec-init", "median"], "--b-dec-init must be one of"),
     (["--hook", "blocks.9.hook_resid_post"], "blocks.9.hook_resid_post"),
 ])
 def test_bad_options_fail_in_one_line_without_writing_a_run(tmp_path, cache_dir, args, message):
@@ -66,6 +68,35 @@ def test_bad_options_fail_in_one_line_without_writing_a_run(tmp_path, cache_dir,
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, result.stderr
     assert not (tmp_path / "r" / "sae").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, cache_dir):
+    result = run("--data", str(cache_dir), "--device", "cuda", "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: torch sees no CUDA GPU")
+
+
+def test_run_dir_dot_in_a_copy_of_the_repo_touches_nothing(tmp_path, cache_dir):
+    repo = Path(TRAIN_PY).parent
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git", "runs", "cache", "__pycache__", "*.egg-info"))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, "train.py", "--data", str(cache_dir), "--run-dir", "."], cwd=copy,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: . holds files that are not a training run")
+    after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert after == before
+
+
+def test_metrics_say_how_many_rows_they_were_computed_on(tmp_path, cache_dir):
+    result = run("--data", str(cache_dir), "--n-latents", "32", "--k", "3", "--steps", "5", "--batch-size", "64",
+                 "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["tokens"] <= metrics["data_rows"] == 2048  # a small cache is not cycled to look larger
+    assert f"over {metrics['tokens']} activations of the 2048 in the data" in result.stdout
 
 
 def test_unknown_architecture_is_an_argument_error(tmp_path):

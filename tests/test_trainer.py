@@ -149,7 +149,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     data = sparse_data(n=1024)
     sae.train(sae.TopKSAE(16, 64, k=4), data, steps=5, batch_size=64, run_dir=str(tmp_path / "r"))
     before = (tmp_path / "r" / "sae" / "sae_weights.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(ValueError, match="holds a run with a checkpoint at step 5: continue it with resume"):
         sae.train(sae.TopKSAE(16, 64, k=4), data, steps=5, batch_size=64, run_dir=str(tmp_path / "r"))
     assert (tmp_path / "r" / "sae" / "sae_weights.safetensors").read_bytes() == before
 
