@@ -21,6 +21,7 @@ from pathlib import Path
 import sae
 from sae.base import SAE
 from sae.config import OptionError
+from sae.files import describe_os_error
 from sae.trainer import TrainingStopped
 
 DEFAULT_CACHE = Path("cache") / "scenes"
@@ -218,7 +219,11 @@ def main(argv=None) -> int:
     except OptionError as e:
         print(f"error: {e.cli_message()}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, FloatingPointError) as e:  # LoadError, CacheError, OutputError are ValueErrors
+    except OSError as e:  # the file and the reason, not a bare errno
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as e:  # LoadError, CacheError, OutputError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -60,7 +60,7 @@ def describe_os_error(e: BaseException) -> str:
     if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
         return "permission denied"
     if getattr(e, "strerror", None):
-        return e.strerror
+        return e.strerror[0].lower() + e.strerror[1:]
     return text.splitlines()[0] if text else type(e).__name__
 
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -172,3 +173,38 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(tm
                               "--run-dir", str(tmp_path / "kept"), "--resume"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder an unprivileged user can reach (pytest's tmp_path sits under a root-only folder)."""
+    path = Path(tempfile.mkdtemp(prefix="sae-perm-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_permission_errors_are_one_line(shared_tmp):
+    """As root every folder is writable, so the run drops to an unprivileged user where it can."""
+    as_user = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    write_tensors(shared_tmp / "data", torch.randn(512, 16))
+    for p in [shared_tmp / "data", *(shared_tmp / "data").iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    locked = shared_tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+
+    def train(data, run_dir):
+        result = subprocess.run([*as_user, sys.executable, TRAIN_PY, "--data", str(data), "--steps", "5",
+                                 "--batch-size", "64", "--run-dir", str(run_dir)],
+                                cwd=shared_tmp, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    assert train(shared_tmp / "data", locked / "r") == f"error: cannot create {locked / 'r'}: permission denied"
+    (shared_tmp / "data" / "manifest.json").chmod(0o600)  # a cache the user may not read
+    assert train(shared_tmp / "data", shared_tmp / "r") == f"error: {shared_tmp / 'data' / 'manifest.json'}: permission denied"

@@ -121,8 +121,15 @@ def test_l0_targeting_reaches_the_requested_l0(cls):
         result = sae.train(cls(16, 64), data, steps=1500, batch_size=256, lr=3e-3, target_l0=target)
         results[target] = result.metrics
         assert abs(result.metrics["l0"] - target) / target < 0.15, (target, result.metrics["l0"])
+        assert result.metrics["target_l0_missed"] is False
     # A sparser target needs a larger coefficient.
     assert results[5.0]["sparsity_coeff_mult"] > results[10.0]["sparsity_coeff_mult"]
+
+
+def test_a_missed_l0_target_is_reported():
+    with pytest.warns(UserWarning, match="target_l0 5 missed: final L0"):
+        result = sae.train(sae.JumpReLUSAE(16, 64), sparse_data(n=2048), steps=30, batch_size=128, target_l0=5.0)
+    assert result.metrics["target_l0_missed"] is True and result.metrics["target_l0"] == 5.0
 
 
 def test_l0_targeting_refuses_architectures_without_a_penalty():
