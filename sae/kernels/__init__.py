@@ -3,7 +3,9 @@
 Every op has a pure-PyTorch meaning (reference.py, also the CPU path); on CUDA the Triton kernels
 compute the same thing without writing the B x n pre-activations or a B*k x d intermediate.
 `SAE_KERNELS=triton` or `SAE_KERNELS=torch` forces a backend (triton on CPU runs in the Triton
-interpreter). Orientation follows SAELens: W_enc (d_in, n), W_dec (n, d_in), b_enc (n,), b_dec (d_in,).
+interpreter). The first call of each kernel configuration checks the Triton path against the
+reference (selfcheck.py): a mismatch or compile error warns once and sends that op to the reference
+(an error under SAE_KERNELS=triton). Orientation follows SAELens: W_enc (d_in, n), W_dec (n, d_in), b_enc (n,), b_dec (d_in,).
 
     topk_encode(x, W_enc, b_enc, k, b_dec=None, *, groups=1) -> values (B, groups*k), indices int64
         top-k of relu((x - b_dec) @ W_enc + b_enc) per row (per group of n/groups latents when
@@ -32,5 +34,7 @@ made as torch.empty(n, d).t()): its columns are then contiguous rows for the spa
 the dW_enc the kernels write matches it without a transpose copy.
 """
 from .dispatch import auxk_reconstruct, backend, batch_topk_encode, binding_decode, sparse_decode, topk_encode
+from .selfcheck import KernelCheckError, KernelCheckWarning
 
-__all__ = ["backend", "topk_encode", "sparse_decode", "binding_decode", "batch_topk_encode", "auxk_reconstruct"]
+__all__ = ["backend", "topk_encode", "sparse_decode", "binding_decode", "batch_topk_encode", "auxk_reconstruct",
+           "KernelCheckError", "KernelCheckWarning"]

@@ -5,6 +5,10 @@ SAE_KERNELS=triton|torch forces either. Forced 'triton' on CPU tensors runs the 
 Triton interpreter (TRITON_INTERPRET=1 is set here before the kernels are first imported).
 float64 always takes the reference (the kernels accumulate in fp32).
 
+The Triton path cannot be silently wrong: the first call of each kernel configuration in a process
+checks it against the reference on a small random problem (selfcheck.py); after a mismatch or a
+compile error the op warns once and runs on the reference, or raises under SAE_KERNELS=triton.
+
 Inputs are validated in Python with one clear ValueError: an out-of-bounds access in a kernel
 kills the interpreter process (and is an illegal address on a GPU). Index ranges cost a device sync
 to check, so indices produced by topk_encode here are remembered as in range and not re-checked.
@@ -17,7 +21,7 @@ import weakref
 
 import torch
 
-from . import reference
+from . import reference, selfcheck
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT32_LIMIT = 2**31  # kernels use 32-bit offsets into weight matrices
@@ -28,13 +32,18 @@ def _has_triton():
     return importlib.util.find_spec("triton") is not None
 
 
+# Device types the automatic choice sends to Triton. Private seam: the self-check tests add "cpu" to
+# run the automatic path (checked, warning rather than raising) through the interpreter.
+_AUTO_DEVICES = ("cuda",)
+
+
 def backend(t: torch.Tensor) -> str:
     forced = os.environ.get("SAE_KERNELS", "")
     if forced not in ("", "torch", "triton"):
         raise ValueError(f"SAE_KERNELS must be 'triton' or 'torch', got {forced!r}")
     if forced:
         return forced
-    return "triton" if t.is_cuda and _has_triton() else "torch"
+    return "triton" if t.device.type in _AUTO_DEVICES and _has_triton() else "torch"
 
 
 # Forced Triton without a GPU means the interpreter, which must be on before triton is first imported
@@ -166,15 +175,47 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, *, groups=1, _chunk=None):
     Under autocast the GEMM runs in the autocast dtype (operands cast in-kernel) and values come
     back in it. `_chunk` (tests only) sets the column-chunk width of the fused kernel."""
     _check_encode(x, W_enc, b_enc, k, b_dec, groups)
+    values, indices = _encode("topk_encode", x, W_enc, b_enc, k, b_dec, groups, _chunk)
+    return values, _trust(indices, W_enc.shape[1])
+
+
+def _encode(op, x, W_enc, b_enc, k, b_dec, groups, chunk=None):
+    """The encoder of topk_encode and batch_topk_encode; `op` names whose first-use check and
+    fallback apply (each op keeps its own)."""
     if _use_triton(x, W_enc, b_enc, b_dec):
         if W_enc.numel() >= _INT32_LIMIT or x.numel() >= _INT32_LIMIT:
             _fail("the Triton path supports tensors of fewer than 2**31 elements")
-        enc, _ = _triton(x.device)
         cdt = _compute_dtype(x)
-        values, indices = enc.TopKEncode.apply(x, W_enc, b_enc, b_dec, k, groups, cdt, cdt, _chunk)
-    else:
-        values, indices = reference.topk_encode(x, W_enc, b_enc, k, b_dec, groups)
-    return values, _trust(indices, W_enc.shape[1])
+        dev = x.device
+        spec = selfcheck.EncodeSpec(
+            dev, x.dtype, W_enc.dtype, b_enc.dtype, None if b_dec is None else b_dec.dtype, cdt,
+            dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,  # what dot_code reads
+            W_enc.stride(-1) != 1, x.shape[1], k, groups)
+        if selfcheck.passes(op, spec, _encode_triton):
+            return _encode_triton(x, W_enc, b_enc, b_dec, k, groups, cdt, chunk)
+    return reference.topk_encode(x, W_enc, b_enc, k, b_dec, groups)
+
+
+def _encode_triton(x, W_enc, b_enc, b_dec, k, groups, compute_dtype, chunk):
+    """The Triton encoder; compute_dtype is explicit so the self-check (run outside autocast) can
+    reproduce a call made under autocast."""
+    enc, _ = _triton(x.device)
+    return enc.TopKEncode.apply(x, W_enc, b_enc, b_dec, k, groups, compute_dtype, compute_dtype, chunk)
+
+
+def _slot_decode_triton(values, indices, dictionary, n_slots):
+    """Y (B, S, d): the Triton part of both decoders."""
+    _, dec = _triton(values.device)
+    return dec.SlotDecode.apply(values, indices, dictionary, n_slots)
+
+
+def _decode_on_triton(op, values, indices, dictionary, n_slots):
+    """True when `op` runs on Triton: the dispatch chose it and its first-use check passed."""
+    if not _use_triton(values, dictionary):
+        return False
+    spec = selfcheck.DecodeSpec(values.device, values.dtype, indices.dtype, dictionary.dtype,
+                                dictionary.stride(-1) != 1, n_slots, indices.shape[1], dictionary.shape[1])
+    return selfcheck.passes(op, spec, _slot_decode_triton)
 
 
 def sparse_decode(values, indices, W_dec):
@@ -183,9 +224,8 @@ def sparse_decode(values, indices, W_dec):
     Differentiable w.r.t. values and W_dec; the Triton backward sorts pairs by latent once and
     writes dW_dec and d values in one pass."""
     _check_decode(values, indices, W_dec)
-    if _use_triton(values, W_dec):
-        _, dec = _triton(values.device)
-        return dec.SlotDecode.apply(values, indices, W_dec, 1)[:, 0]
+    if _decode_on_triton("sparse_decode", values, indices, W_dec, 1):
+        return _slot_decode_triton(values, indices, W_dec, 1)[:, 0]
     return reference.sparse_decode(values, indices, W_dec)
 
 
@@ -201,9 +241,8 @@ def binding_decode(values, indices, dictionary, transforms):
     if transforms.shape[1:] != (d, d):
         _fail(f"transforms must be (S-1, d, d) = (S-1, {d}, {d}), got {tuple(transforms.shape)}")
     _check_decode(values, indices, dictionary, what="dictionary", n_valid=n * S)
-    if _use_triton(values, dictionary):
-        _, dec = _triton(values.device)
-        Y = dec.SlotDecode.apply(values, indices, dictionary, S)
+    if _decode_on_triton("binding_decode", values, indices, dictionary, S):
+        Y = _slot_decode_triton(values, indices, dictionary, S)
     else:
         Y = reference.slot_decode(values, indices, dictionary, S)
     return reference.combine_slots(Y, transforms)
@@ -221,7 +260,7 @@ def batch_topk_encode(x, W_enc, b_enc, k, b_dec=None, *, cap=None):
     cap = min(n, 4 * k) if cap is None else cap
     _check_int("cap", cap, k, n)
     while True:
-        values, indices = topk_encode(x, W_enc, b_enc, cap, b_dec)
+        values, indices = _encode("batch_topk_encode", x, W_enc, b_enc, cap, b_dec, 1)
         flat = values.detach().reshape(-1)
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[flat.topk(min(B * k, flat.numel()), sorted=False).indices] = True
