@@ -231,6 +231,11 @@ class SAE(nn.Module):
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[code.active()] = 0
 
+    def steer_l0_(self, log_error_step: float) -> bool:
+        """L0 targeting: move toward the target by `log_error_step` (gain x log(L0 / target)) if
+        this architecture has its own lever; False leaves it to the sparsity coefficient."""
+        return False
+
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 

@@ -92,6 +92,16 @@ class JumpReLUSAE(SAE):
     def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
         return {"sparsity": self.cfg.l0_coeff * code.extras["l0"]}
 
+    @torch.no_grad()
+    def steer_l0_(self, log_error_step: float) -> bool:
+        # L0 targeting moves the thresholds themselves. Turning the penalty's coefficient instead
+        # winds up without end: Adam caps the thresholds' step at ~lr per step however large the
+        # coefficient, and the rectangle kernel gives no gradient once theta leaves the bulk
+        # (measured: multiplier 2.7e9 with L0 off by 98%; moving log theta lands within 3%,
+        # sae/eval/defaults_study.py "steering").
+        self.log_threshold.add_(log_error_step)
+        return True
+
     def export_state(self) -> dict[str, Tensor]:
         return {**super().export_state(), "threshold": self.threshold}
 

@@ -16,10 +16,11 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 class RunningStats:
     """Accumulates reconstruction and sparsity statistics over batches (in float64)."""
 
-    def __init__(self, n_latents: int, device="cpu"):
+    def __init__(self, n_latents: int, device="cpu", b_dec: Tensor | None = None):
         self.n_latents = n_latents
         self.tokens = 0
-        self.sums = {k: 0.0 for k in ("sq_err", "l0", "l1", "cos", "l2_ratio")}
+        self.sums = {k: 0.0 for k in ("sq_err", "l0", "l1", "cos", "l2_ratio", "recon_dot", "recon_sq")}
+        self.b_dec = None if b_dec is None else b_dec.detach().double()
         self.x_sum = None
         self.x_sq_sum = 0.0
         self.fire_counts = torch.zeros(n_latents, dtype=torch.float64, device=device)
@@ -33,6 +34,10 @@ class RunningStats:
         self.sums["l1"] += codes.abs().sum().item()
         self.sums["cos"] += torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum().item()
         self.sums["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        if self.b_dec is not None:  # for `shrinkage`: how far the codes fall short of the data
+            centred_x, centred_hat = x - self.b_dec.to(x.device), x_hat - self.b_dec.to(x.device)
+            self.sums["recon_dot"] += (centred_x * centred_hat).sum().item()
+            self.sums["recon_sq"] += centred_hat.pow(2).sum().item()
         self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
         self.x_sq_sum += x.pow(2).sum().item()
         self.fire_counts += (codes > 0).sum(0).to(self.fire_counts.device, torch.float64)
@@ -62,6 +67,10 @@ class RunningStats:
             "l1": self.sums["l1"] / n,
             "dead_share": (density == 0).float().mean().item(),
             "dense_share": (density > DENSE_THRESHOLD).float().mean().item(),
+            # The single rescale of x_hat - b_dec that best fits x - b_dec: 1 when codes have their
+            # true size; well above 1 when a penalty shrinks them (an L1's soft-threshold).
+            "shrinkage": (self.sums["recon_dot"] / self.sums["recon_sq"] if self.sums["recon_sq"] > 0 else math.nan)
+            if self.b_dec is not None else math.nan,
         }
 
 
@@ -85,7 +94,7 @@ def evaluate(model, batches, device="cpu") -> tuple[dict[str, float], Tensor]:
     """Run `model` (in eval mode) over an iterable of (B, d_in) batches; return (metrics, log10 density)."""
     was_training = model.training
     model.eval()
-    stats = RunningStats(model.n_total)
+    stats = RunningStats(model.n_total, b_dec=model.b_dec)
     try:
         for x in batches:
             x = x.to(device)

@@ -31,6 +31,10 @@ from .metrics import batch_metrics, evaluate
 from .run_dir import RunDir, describe_data
 
 L0_TOLERANCE = 0.2  # relative: a final L0 further than this from target_l0 is reported as missed
+# Shrinkage (metrics.py) above this means the penalty, not the data, sets the code sizes. Calibrated
+# on 85 planted-world runs (sae/eval/defaults_study.py): every collapsed run had >= 1.55 (up to
+# 1e5), every healthy one <= 1.44; TopK and JumpReLU sit at ~1.0.
+SHRINKAGE_LIMIT = 1.5
 
 
 @dataclass
@@ -132,15 +136,17 @@ def sparsity_factor(step: int, cfg: TrainConfig) -> float:
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def steer_l0(state: LoopState, l0: float, cfg: TrainConfig):
-    """Integral control in log space: raise the coefficient while L0 is above target, lower it below.
+def steer_l0(model: SAE, state: LoopState, l0: float, cfg: TrainConfig):
+    """Integral control in log space: push sparsity up while L0 is above target, down below.
 
     Starts after the sparsity warm-up (during it L0 is high by design). Log space makes the
-    response proportional to the relative error, whatever the coefficient's scale.
+    response proportional to the relative error, whatever the lever's scale. The lever is the
+    architecture's own where it has one (JumpReLU's thresholds), else the penalty's coefficient.
     """
     if cfg.target_l0 > 0 and state.step >= cfg.sparsity_warmup * cfg.steps:
-        error = math.log(max(l0, 1e-3)) - math.log(cfg.target_l0)
-        state.log_coeff_mult = min(max(state.log_coeff_mult + cfg.l0_gain * error, -30.0), 30.0)
+        step = cfg.l0_gain * (math.log(max(l0, 1e-3)) - math.log(cfg.target_l0))
+        if not model.steer_l0_(step):
+            state.log_coeff_mult = min(max(state.log_coeff_mult + step, -30.0), 30.0)
 
 
 class TrainingStopped(Exception):
@@ -167,7 +173,7 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         from .rebind import train_binding  # noqa: PLC0415
 
         return train_binding(model, data, callback=callback, metadata=metadata, **asdict(cfg))
-    if cfg.target_l0 > 0 and not hasattr(model.cfg, "l1_coeff") and not hasattr(model.cfg, "l0_coeff"):
+    if cfg.target_l0 > 0 and not has_penalty(model):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = pick_device(cfg.device)
 
@@ -339,7 +345,7 @@ def step(loop: Loop, use_bf16: bool):
     optimizer.step()
     model.normalize_decoder_()
     if cfg.target_l0 > 0:
-        steer_l0(state, out.code.l0().item(), cfg)
+        steer_l0(model, state, out.code.l0().item(), cfg)
     state.step += 1
     return x, out, losses, loss
 
@@ -380,6 +386,8 @@ def finish(model: SAE, store, cfg: TrainConfig, state: LoopState, device, run: R
     if cfg.target_l0 > 0:
         metrics["sparsity_coeff_mult"] = math.exp(state.log_coeff_mult)
         check_l0_target(metrics, cfg)
+    if has_penalty(model):
+        check_penalty(metrics)
     if run is not None:
         io.save(model, run.path / "sae", metadata=metadata, log_feature_density=log_density)
         io.write_json(run.path / "metrics.json", metrics)
@@ -387,6 +395,22 @@ def finish(model: SAE, store, cfg: TrainConfig, state: LoopState, device, run: R
         wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         wandb_run.finish()
     return TrainResult(model, metrics, run.path if run is not None else None)
+
+
+def has_penalty(model: SAE) -> bool:
+    """Whether sparsity comes from a penalty (ReLU's L1, JumpReLU's L0) rather than a count (TopK)."""
+    return hasattr(model.cfg, "l1_coeff") or hasattr(model.cfg, "l0_coeff")
+
+
+def check_penalty(metrics: dict):
+    """A sparsity penalty can buy sparsity by shrinking every code until reconstruction collapses
+    (ReLU-L1 at a too-large coefficient, or steered to a too-small L0); say so, with the remedy."""
+    gamma = metrics["shrinkage"]
+    metrics["penalty_collapsed"] = not (0 < gamma < SHRINKAGE_LIMIT)  # NaN counts as collapsed
+    if metrics["penalty_collapsed"]:
+        warnings.warn(f"the sparsity penalty collapses reconstruction: FVU {metrics['fvu']:.3f}, codes shrunk by "
+                      f"{gamma:.2f}x (best rescale of x_hat - b_dec); lower l1_coeff / l0_coeff or raise target_l0",
+                      stacklevel=3)
 
 
 def check_l0_target(metrics: dict, cfg: TrainConfig):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -119,11 +120,14 @@ def test_l0_targeting_reaches_the_requested_l0(cls):
     for target in (5.0, 10.0):
         torch.manual_seed(0)
         result = sae.train(cls(16, 64), data, steps=1500, batch_size=256, lr=3e-3, target_l0=target)
-        results[target] = result.metrics
+        results[target] = {**result.metrics, "mean_threshold": getattr(result.model, "threshold", torch.zeros(1)).mean()}
         assert abs(result.metrics["l0"] - target) / target < 0.15, (target, result.metrics["l0"])
         assert result.metrics["target_l0_missed"] is False
-    # A sparser target needs a larger coefficient.
-    assert results[5.0]["sparsity_coeff_mult"] > results[10.0]["sparsity_coeff_mult"]
+    # A sparser target needs a stronger lever: the coefficient, or JumpReLU's own thresholds.
+    if cls is sae.ReLUSAE:
+        assert results[5.0]["sparsity_coeff_mult"] > results[10.0]["sparsity_coeff_mult"]
+    else:
+        assert results[5.0]["mean_threshold"] > results[10.0]["mean_threshold"]
 
 
 def test_a_missed_l0_target_is_reported():
@@ -198,3 +202,14 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     sae.train(sae.TopKSAE(16, 64, k=4), sparse_data(n=512), steps=10, batch_size=64, log_every=5,
               run_dir=str(tmp_path / "r"), wandb=True)
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+
+
+def test_a_penalty_that_collapses_reconstruction_is_reported():
+    data = sparse_data(n=4096)
+    with pytest.warns(UserWarning, match="the sparsity penalty collapses reconstruction"):
+        collapsed = sae.train(sae.ReLUSAE(16, 64, l1_coeff=20.0), data, steps=300, batch_size=256, lr=3e-3)
+    assert collapsed.metrics["penalty_collapsed"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default coefficient must not trip it
+        healthy = sae.train(sae.ReLUSAE(16, 64), data, steps=300, batch_size=256, lr=3e-3)
+    assert healthy.metrics["penalty_collapsed"] is False and 0.9 < healthy.metrics["shrinkage"] < 1.5
