@@ -6,7 +6,7 @@
     python train.py cache --model scenes --hooks blocks.1.hook_resid_post --out cache/my_cache
 
 Every option comes from a config dataclass (sae.TrainConfig, each architecture's Config, and
-sae.cache.CacheConfig), so --help always lists all of them with their defaults.
+sae.lm.cache.CacheConfig), so --help always lists all of them with their defaults.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import typing
 from pathlib import Path
 
 import sae
-from sae.base import SAE
-from sae.config import OptionError
-from sae.files import describe_os_error
-from sae.trainer import TrainingStopped
+from sae.core.architectures.base import SAE
+from sae.core.config import OptionError
+from sae.core.files import describe_os_error
+from sae.core.trainer import TrainingStopped
 
 DEFAULT_CACHE = Path("cache") / "scenes"
 
@@ -141,7 +141,7 @@ def build_sae(args, d_in: int) -> SAE:
 
 
 def ensure_default_cache() -> Path:
-    from sae.cache import CacheConfig, write_cache
+    from sae.lm.cache import CacheConfig, write_cache
 
     cfg = CacheConfig(out=str(DEFAULT_CACHE))
     if not (DEFAULT_CACHE / "manifest.json").exists():
@@ -153,7 +153,7 @@ def run_training(argv) -> int:
     args = build_train_parser().parse_args(argv)
     set_threads(args.threads)
     data = Path(args.data) if args.data else ensure_default_cache()
-    from sae.store import make_store
+    from sae.core.store import make_store
 
     # Read the manifest once for d_in and names (full checksums are verified by the trainer's reader).
     probe = make_store(str(data), batch_size=1, hook=args.hook or None, verify=False)
@@ -189,7 +189,7 @@ def print_metrics(metrics: dict):
 
 
 def run_cache(argv) -> int:
-    from sae.cache import CacheConfig, write_cache
+    from sae.lm.cache import CacheConfig, write_cache
 
     parser = argparse.ArgumentParser(prog="train.py cache", description="Write an activation cache.",
                                      formatter_class=HelpFormatter)

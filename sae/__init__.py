@@ -6,16 +6,24 @@
     out = m(x)                      # out.x_hat, out.codes, out.loss, out.losses
     sae.train(m, data, steps=1000, batch_size=1024, lr=1e-3, seed=0)
     m.save("dir"); m2 = sae.load("dir")
-"""
-from .base import SAE, Code, SAEConfig, SAEOutput
-from .batchtopk import BatchTopKSAE
-from .binding import BindingSAE
-from .jumprelu import JumpReLUSAE
-from .matryoshka import MatryoshkaSAE
-from .relu import ReLUSAE
-from .io import load, save
-from .topk import TopKSAE
-from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE", "MatryoshkaSAE", "load", "save",
-           "train", "TrainConfig", "TrainResult"]
+The package is a stack that imports only downward (tests/test_layers.py holds it to that):
+    sae.core      configs, files, architectures, kernels, io, store, metrics, the plain training loop
+    sae.lm        language models with their hook names, the cache writer, splicing, MiniLM
+    sae.recipes   ways to train: `train` picks the plain loop or the binding recipe
+    sae.eval      evaluation scripts and experiments
+This module is the public face: it re-exports the library's names from core and recipes.
+"""
+from sae.core.architectures.base import SAE, Code, SAEConfig, SAEOutput
+from sae.core.architectures.batchtopk import BatchTopKSAE
+from sae.core.architectures.binding import BindingSAE
+from sae.core.architectures.jumprelu import JumpReLUSAE
+from sae.core.architectures.matryoshka import MatryoshkaSAE
+from sae.core.architectures.relu import ReLUSAE
+from sae.core.architectures.topk import TopKSAE
+from sae.core.io import load, save
+from sae.core.trainer import TrainConfig, TrainResult
+from sae.recipes.training import train
+
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE",
+           "MatryoshkaSAE", "load", "save", "train", "TrainConfig", "TrainResult"]

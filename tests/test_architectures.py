@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import sae
-from sae.base import geometric_median
-from sae.jumprelu import JumpReLUFunction, StepFunction
+from sae.core.architectures.base import geometric_median
+from sae.core.architectures.jumprelu import JumpReLUFunction, StepFunction
 
 D_IN, N = 12, 48
 ARCHS = [(sae.TopKSAE, {"k": 5}), (sae.BatchTopKSAE, {"k": 5}), (sae.JumpReLUSAE, {}), (sae.ReLUSAE, {})]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sae
-from sae.binding import RULES
+from sae.core.architectures.binding import RULES
 
 D_IN, N, S = 10, 16, 3
 RULE_OPTIONS = {"topk": {"k": 4}, "topk_per_slot": {"k": 2}, "batchtopk": {"k": 4}, "relu": {}, "jumprelu": {}}
@@ -86,10 +86,10 @@ def test_mismatched_binding_files_are_refused(tmp_path):
     extra = load_file(str(tmp_path / "d" / "binding_weights.safetensors"))
     extra["dictionary"] = extra["dictionary"] * 2
     save_file(extra, str(tmp_path / "d" / "binding_weights.safetensors"))
-    with pytest.raises(sae.io.LoadError, match="does not match the dictionary"):
+    with pytest.raises(sae.core.io.LoadError, match="does not match the dictionary"):
         sae.load(tmp_path / "d")
     (tmp_path / "d" / "binding_weights.safetensors").unlink()
-    with pytest.raises(sae.io.LoadError, match="binding_weights.safetensors: file not found"):
+    with pytest.raises(sae.core.io.LoadError, match="binding_weights.safetensors: file not found"):
         sae.load(tmp_path / "d")
 
 

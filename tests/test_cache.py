@@ -1,6 +1,6 @@
 """The activation-cache writer (sae/cache.py): sources, masks, manifest, atomic writes, resume and
 bad input. A tiny random model with the scenes vocabulary stands in for the built-in one, built
-through sae.model so the file runs under TL 3.x and TL 4.x alike."""
+through sae.lm.models so the file runs under TL 3.x and TL 4.x alike."""
 
 import json
 import os
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae import model as tl
-from sae.cache import CacheConfig, write_cache
-from sae.scenes import N_CTX, TOKENIZER, generate_tokens
-from sae.store import CacheError, make_store, open_cache
+from sae.lm import models
+from sae.lm.cache import CacheConfig, write_cache
+from sae.lm.scenes import N_CTX, TOKENIZER, generate_tokens
+from sae.core.store import CacheError, make_store, open_cache
 
 TINY = dict(d_model=16, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=len(TOKENIZER), n_ctx=N_CTX,
             act_fn="gelu", seed=0)
@@ -27,7 +27,7 @@ WORDS = [w for w in TOKENIZER.vocab if w.isalpha()]  # ordinary words of the sce
 
 @pytest.fixture(scope="module")
 def model():
-    return tl.build_model(TINY)
+    return models.build_model(TINY)
 
 
 def config(tmp_path, name="c", **kw):
@@ -65,7 +65,7 @@ def test_generator_cache_rows_map_back_to_tokens(tmp_path, model):
     seq, pos = cache.read("seq_index").long(), cache.read("position").long()
     assert torch.equal(cache.read("token_ids").long(), toks[seq, pos])
     assert keep[seq, pos].all() and len(set(zip(seq.tolist(), pos.tolist()))) == m["n_tokens"]
-    acts = tl.hook_activations(model, toks, [HOOK, "blocks.1.attn.hook_z"])
+    acts = models.hook_activations(model, toks, [HOOK, "blocks.1.attn.hook_z"])
     for h in m["hook_names"]:
         assert torch.allclose(cache.read(h), acts[h][seq, pos], atol=1e-5)
 
@@ -132,7 +132,7 @@ def test_text_sources(tmp_path, model):
 # atomic writes and resume
 
 def test_interrupted_run_resumes_to_an_identical_cache(tmp_path, model, monkeypatch):
-    import sae.cache as cache_mod
+    import sae.lm.cache as cache_mod
 
     ref = files(write_cache(config(tmp_path, "ref"), model=model))
     cfg = config(tmp_path, "run")
@@ -168,8 +168,8 @@ def test_sigkill_mid_shard_then_resume(tmp_path, model):
     ref = files(write_cache(config(tmp_path, "ref"), model=model))
     out = tmp_path / "run"
     child = f"""
-import os, signal, sae.cache as c
-from sae import model as tl
+import os, signal, sae.lm.cache as c
+from sae.lm import models
 real, n = c._write_shard, [0]
 def kill_on_third(path, tensors):
     n[0] += 1
@@ -179,7 +179,7 @@ def kill_on_third(path, tensors):
     return real(path, tensors)
 c._write_shard = kill_on_third
 cfg = c.CacheConfig(out={str(out)!r}, hooks=[{HOOK!r}], n_sequences=40, batch_size=8, shard_rows=200)
-c.write_cache(cfg, model=tl.build_model({TINY!r}))
+c.write_cache(cfg, model=models.build_model({TINY!r}))
 """
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
@@ -197,7 +197,7 @@ def test_complete_cache_is_left_alone(tmp_path, model, capsys):
 
 def interrupted_run(cfg, model, monkeypatch, after_shards):
     """Run cfg until `after_shards` shards are written, then Ctrl-C."""
-    import sae.cache as cache_mod
+    import sae.lm.cache as cache_mod
 
     real, calls = cache_mod._write_shard, []
 
@@ -241,7 +241,7 @@ def test_different_weights_are_refused(tmp_path, model):
     cfg = config(tmp_path)
     before = files(write_cache(cfg, model=model))
     with pytest.raises(CacheError, match="same config but different model weights"):
-        write_cache(cfg, model=tl.build_model({**TINY, "seed": 1}))
+        write_cache(cfg, model=models.build_model({**TINY, "seed": 1}))
     assert files(cfg.out) == before
 
 
@@ -320,11 +320,11 @@ def test_everything_dropped_is_an_empty_dataset(tmp_path, model):
 
 
 def test_nan_activations(tmp_path):
-    sd = tl.hooked_state_dict(tl.build_model(TINY))
+    sd = models.hooked_state_dict(models.build_model(TINY))
     toks = generate_tokens(8, 0, "train")
     common = torch.mode(toks[toks > max(TOKENIZER.bos_token_id, TOKENIZER.pad_token_id)]).values  # in the first batch
     sd["embed.W_E"][common] = float("nan")
-    bad = tl.build_model(TINY, state_dict=sd)
+    bad = models.build_model(TINY, state_dict=sd)
     with pytest.raises(CacheError, match=f"NaN/inf activations from hook {HOOK} in source sequences") as e:
         write_cache(config(tmp_path), model=bad)
     assert one_line(e) and not (tmp_path / "c").exists()

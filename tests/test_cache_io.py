@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sae import model as tl
-from sae.cache import CacheConfig, write_cache
-from sae.scenes import N_CTX, TOKENIZER
+from sae.lm import models
+from sae.lm.cache import CacheConfig, write_cache
+from sae.lm.scenes import N_CTX, TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
 
 HELD = """
 import pathlib, sys, time
-import sae.cache as c
+import sae.lm.cache as c
 real = c._write_shard
 def held(path, tensors):  # after its first shard, wait until the test has run the second writer
     digest = real(path, tensors)
@@ -98,7 +98,7 @@ def test_permissions_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
     old = os.umask(mask)
     try:
         out = write_cache(CacheConfig(out=str(tmp_path / "new" / "c"), hooks=[HOOK], n_sequences=40, batch_size=8,
-                                      shard_rows=200), model=tl.build_model(TINY))
+                                      shard_rows=200), model=models.build_model(TINY))
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import sae.cache as cache_mod
-from sae import model as tl
-from sae.cache import CacheConfig, CacheOptionError, write_cache
-from sae.scenes import N_CTX, TOKENIZER, generate_tokens
-from sae.store import CacheError, open_cache
+import sae.lm.cache as cache_mod
+from sae.lm import models
+from sae.lm.cache import CacheConfig, CacheOptionError, write_cache
+from sae.lm.scenes import N_CTX, TOKENIZER, generate_tokens
+from sae.core.store import CacheError, open_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=16, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=len(TOKENIZER), n_ctx=N_CTX,
@@ -26,7 +26,7 @@ WORDS = [w for w in TOKENIZER.vocab if w.isalpha()]
 
 @pytest.fixture(scope="module")
 def model():
-    return tl.build_model(TINY)
+    return models.build_model(TINY)
 
 
 def config(tmp_path, name="c", **kw):
@@ -114,8 +114,8 @@ def test_text_is_padded_per_batch_not_to_n_ctx(tmp_path, model, monkeypatch, cap
     rows are the same as when each document runs alone."""
     docs = [WORDS[:2], WORDS[:3], WORDS[:9], WORDS[:1], WORDS[:4]]
     src = text_file(tmp_path / "d.txt", docs)
-    widths, real = [], tl.hook_activations
-    monkeypatch.setattr(cache_mod.tl, "hook_activations",
+    widths, real = [], models.hook_activations
+    monkeypatch.setattr(cache_mod.models, "hook_activations",
                         lambda m, toks, hooks: widths.append(toks.shape[1]) or real(m, toks, hooks))
     path = write_cache(config(tmp_path, source=src, batch_size=2), model=model)
     assert widths == [3, 4, 10, 5]  # the first document alone (probing hook widths), then batches of two
@@ -170,7 +170,7 @@ def test_default_hooks_fit_the_model(tmp_path, model, capsys):
     other = manifest(write_cache(CacheConfig(out=str(tmp_path / "o"), model="tiny", source=str(tmp_path / "t.npy")),
                                  model=model))
     assert other["hook_names"] == ["blocks.1.hook_resid_post"]  # middle block of 2; pre-LN: the residual itself
-    assert tl.default_hooks("tiny", tl.build_model({**TINY, "n_layers": 4})) == ["blocks.2.hook_resid_post"]
+    assert models.default_hooks("tiny", models.build_model({**TINY, "n_layers": 4})) == ["blocks.2.hook_resid_post"]
 
 
 def test_passed_in_model_is_recorded_as_such(tmp_path, model):
@@ -182,7 +182,7 @@ def test_passed_in_model_is_recorded_as_such(tmp_path, model):
 
 def test_builtin_model_load_is_recorded(tmp_path):
     m = manifest(write_cache(CacheConfig(out=str(tmp_path / "s"), n_sequences=8, batch_size=8)))
-    assert m["model_load"] == {**tl.load_record("scenes"), "loader": "builtin"}
+    assert m["model_load"] == {**models.load_record("scenes"), "loader": "builtin"}
     assert m["model_load"]["model_from_pretrained_kwargs"] == {} and not m["model_load"]["fold_ln"]
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import sae
-from sae.base import SAE
-from sae.cache import CacheConfig, write_tensors
+from sae.core.architectures.base import SAE
+from sae.lm.cache import CacheConfig, write_tensors
 from test_trainer import sparse_data
 
 TRAIN_PY = str(Path(__file__).resolve().parents[1] / "train.py")

@@ -1,4 +1,4 @@
-"""sae.files: the one write policy (atomic, never destroying, umask, one writer per folder)."""
+"""sae.core.files: the one write policy (atomic, never destroying, umask, one writer per folder)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from sae import files
+from sae.core import files
 
 
 def test_write_file_is_atomic_and_leaves_no_temporary_on_failure(tmp_path):
@@ -26,7 +26,7 @@ def test_write_file_is_atomic_and_leaves_no_temporary_on_failure(tmp_path):
 def test_a_dir_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from sae.files import DirLock
+        from sae.core.files import DirLock
         DirLock({str(tmp_path / 'out')!r}, "a test").acquire()
         print("locked", flush=True)
         time.sleep(60)

@@ -15,7 +15,7 @@ root = pathlib.Path.cwd().resolve()
 sys.path.insert(1, str(root / "tests"))
 import transformers.models.bert.modeling_bert  # transformers 5.2x imports HF's `kernels` here
 import kernels as hf_kernels
-import sae, sae.kernels, sae.eval
+import sae, sae.core.kernels, sae.eval
 names = {}
 for name, dists in md.packages_distributions().items():
     names.setdefault(name, set()).update(dists)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sae
-from sae.files import OutputError
-from sae.io import LoadError
+from sae.core.files import OutputError
+from sae.core.io import LoadError
 
 ARCHS = [(sae.TopKSAE, {"k": 3}), (sae.BatchTopKSAE, {"k": 3}), (sae.JumpReLUSAE, {}), (sae.ReLUSAE, {})]
 
@@ -35,7 +35,7 @@ def test_round_trip_keeps_architecture_config_and_outputs(tmp_path, cls, options
     x = torch.randn(6, 10)
     torch.testing.assert_close(loaded.encode(x), model.encode(x))
     torch.testing.assert_close(loaded(x).x_hat, model(x).x_hat)
-    torch.testing.assert_close(sae.io.load_sparsity(tmp_path / "d"), density)
+    torch.testing.assert_close(sae.core.io.load_sparsity(tmp_path / "d"), density)
     cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers

@@ -8,7 +8,7 @@ import sae
 
 def step(model, x, backend, monkeypatch):
     monkeypatch.setenv("SAE_KERNELS", backend)
-    assert sae.kernels.backend(x) == backend
+    assert sae.core.kernels.backend(x) == backend
     model.zero_grad()
     out = model(x)
     out.loss.backward()

@@ -3,7 +3,7 @@ orthogonal map, at the small widths of the bench and at widths the old matcher c
 import torch
 
 from sae.eval.worlds import random_orthogonal
-from sae.matching import MatchConfig, fit_map, match_blocks
+from sae.recipes.matching import MatchConfig, fit_map, match_blocks
 
 
 def unit(v):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sae
-from sae.base import Code
+from sae.core.architectures.base import Code
 from test_trainer import sparse_data
 
 

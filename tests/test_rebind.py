@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sae
-import sae.rebind
+import sae.recipes.binding
 from sae.eval import binding_metrics as bm
 from sae.eval.worlds import WorldConfig, make_world
 
@@ -60,7 +60,7 @@ def test_phases_are_runs_and_the_result_loads(trained):
 def test_a_second_run_in_the_same_directory_is_refused(world, trained):
     _, _, run_dir = trained
     model = sae.BindingSAE(EASY.d, world.n_atoms, n_slots=2, k=6)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(ValueError, match="holds a binding run with finished or checkpointed phases: continue it with resume"):
         sae.train(model, world.sample(1024, seed=1).x, run_dir=str(run_dir), **TRAIN)
 
 
@@ -89,7 +89,7 @@ def test_too_wide_to_validate_a_match_trains_plainly(tmp_path, monkeypatch):
     # 300 atoms in d = 200: a match needs ~134 validated pairs; with at most 64 rows matched the
     # recipe cannot succeed and must not spend steps on its phases (the real limit, MATCH_ROWS =
     # 1024, bites above d ≈ 1500, too wide for a unit test)
-    monkeypatch.setattr(sae.rebind, "MATCH_ROWS", 64)
+    monkeypatch.setattr(sae.recipes.binding, "MATCH_ROWS", 64)
     x = torch.randn(2048, 200)
     model = sae.BindingSAE(200, 300, n_slots=2, k=8)
     with pytest.warns(UserWarning, match="binding recipe skipped"):

@@ -154,7 +154,7 @@ def test_missing_pieces_are_skipped_with_a_note(runs, tmp_path):
 
 
 def test_a_run_on_a_cache_reads_label_rows_from_it(tmp_path):
-    from sae.cache import write_tensors
+    from sae.lm.cache import write_tensors
 
     world = make_world(WORLD)
     samples = world.sample(1024, seed=3)
@@ -271,9 +271,9 @@ def test_world_labels_name_the_atom_in_each_slot():
 
 
 def test_scenes_labels_are_recovered_from_the_generator():
-    from sae import scenes
+    from sae.lm import scenes
 
-    source = {"kind": "generator", "function": "sae.scenes.generate_tokens", "n_sequences": 40, "seed": 3,
+    source = {"kind": "generator", "function": "sae.lm.scenes.generate_tokens", "n_sequences": 40, "seed": 3,
               "split": "test"}
     seq = torch.tensor([5, 0, 39, 5, 17])
     batch = report.regenerate_scenes(source, 40)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import sae
-from sae.cache import write_tensors
+from sae.lm.cache import write_tensors
 
 TESTS = os.path.dirname(__file__)
 TRAIN_PY = str(Path(TESTS).resolve().parents[0] / "train.py")

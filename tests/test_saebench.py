@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import sae
-from sae import model as tl
-from sae.eval import saebench, splice
+from sae.lm import models
+from sae.eval import saebench
+from sae.lm import splice
 
 D = 16
 CFG = dict(d_model=D, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=40, n_ctx=10, act_fn="gelu", seed=0)
@@ -40,7 +41,7 @@ CONFIG = ["model_name", "llm_dtype", "batch_size_prompts", "n_eval_reconstructio
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = tl.build_model(CFG)
+    model = models.build_model(CFG)
     path = tmp_path_factory.mktemp("tok") / "t.npy"
     np.save(path, np.random.default_rng(0).integers(0, CFG["d_vocab"], (16, CFG["n_ctx"])))
     return model, splice.make_batches("tiny", model, str(path), n_sequences=16, batch_size=8)

@@ -4,8 +4,8 @@ The model tests run under whichever transformer-lens is installed (3.x or 4.x)."
 import pytest
 import torch
 
-from sae import scenes
-from sae.scenes import N_CTX, SEP_POS, TOKENIZER
+from sae.lm import scenes
+from sae.lm.scenes import N_CTX, SEP_POS, TOKENIZER
 
 # ----------------------------------------------------------------------------- language
 
@@ -83,7 +83,7 @@ def test_heldout_conjunctions_never_in_train_split():
 
 
 def test_attention_restriction_shape():
-    from sae.scenes_model import attention_allowed
+    from sae.lm.scenes_model import attention_allowed
 
     allowed = attention_allowed(n_layers=4, bottleneck_layer=1)
     seg = torch.tensor(scenes.segment_ids())
@@ -104,20 +104,20 @@ tl = pytest.importorskip("transformer_lens")
 
 @pytest.fixture(scope="module")
 def model():
-    from sae.scenes_model import load_scenes_model
+    from sae.lm.scenes_model import load_scenes_model
 
     return load_scenes_model()
 
 
 @pytest.fixture(scope="module")
 def meta():
-    from sae.scenes_model import load_scenes_metadata
+    from sae.lm.scenes_model import load_scenes_metadata
 
     return load_scenes_metadata()
 
 
 def test_shipped_files_are_small_and_consistent(meta):
-    from sae.scenes_model import BOTTLENECK_HOOK, BOTTLENECK_LAYER, META_PATH, SEP_POSITION, WEIGHTS_PATH
+    from sae.lm.scenes_model import BOTTLENECK_HOOK, BOTTLENECK_LAYER, META_PATH, SEP_POSITION, WEIGHTS_PATH
 
     assert WEIGHTS_PATH.stat().st_size + META_PATH.stat().st_size < 4e6
     assert meta["layout"]["bottleneck_layer"] == BOTTLENECK_LAYER and meta["layout"]["bottleneck_hook"] == BOTTLENECK_HOOK
@@ -129,7 +129,7 @@ def test_loaded_model_matches_tl_free_reference(model, meta):
     compare each against the same plain-torch reference."""
     from safetensors.torch import load_file
 
-    from sae.scenes_model import WEIGHTS_PATH, ScenesModelConfig, reference_logits
+    from sae.lm.scenes_model import WEIGHTS_PATH, ScenesModelConfig, reference_logits
 
     cfg = ScenesModelConfig(**meta["config"])
     tokens = scenes.generate_tokens(64, seed=5, split="test")
@@ -140,7 +140,7 @@ def test_loaded_model_matches_tl_free_reference(model, meta):
     assert (logits - ref).abs().max() < 1e-4
     assert (cached_logits - ref).abs().max() < 1e-4  # run_with_cache keeps the restriction
     # and the restriction is visible in the attention patterns
-    from sae.scenes_model import attention_allowed
+    from sae.lm.scenes_model import attention_allowed
 
     allowed = attention_allowed(cfg.n_layers, cfg.bottleneck_layer)
     for l in range(cfg.n_layers):
@@ -158,7 +158,7 @@ def test_restriction_survives_reset_hooks(model):
 
 
 def test_shipped_model_reaches_recorded_accuracy(model, meta):
-    from sae.scenes_model import evaluate
+    from sae.lm.scenes_model import evaluate
 
     rec = meta["accuracy"]
     test = evaluate(model, scenes.sample_batch(300, seed=777, split="test"))
@@ -174,7 +174,7 @@ def test_bottleneck_holds(model):
     mean-ablated bottleneck leaves the queries near chance."""
     import random
 
-    from sae.scenes_model import BOTTLENECK_HOOK, _patch_sep, bottleneck_residual, evaluate, query_logits, recolour
+    from sae.lm.scenes_model import BOTTLENECK_HOOK, _patch_sep, bottleneck_residual, evaluate, query_logits, recolour
 
     base = scenes.sample_scenes(200, seed=8, split="test")
     rng = random.Random(0)
@@ -203,7 +203,7 @@ def test_probe_reads_bindings_from_the_bottleneck(model):
     """Each attribute of the first two objects is decodable from the one bottleneck vector by an
     MLP probe (a linear probe reads only some of them: see probes in the JSON), and not from a
     query position at the same layer, which cannot see the scene."""
-    from sae.scenes_model import BOTTLENECK_HOOK, _probe_accuracy
+    from sae.lm.scenes_model import BOTTLENECK_HOOK, _probe_accuracy
 
     def residual(batch, pos):
         with torch.no_grad():

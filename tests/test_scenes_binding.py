@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import sae
-from sae import scenes
+from sae.lm import scenes
 from sae.eval import scenes_binding as sb
-from sae.scenes_model import BOTTLENECK_HOOK, load_scenes_model
+from sae.lm.scenes_model import BOTTLENECK_HOOK, load_scenes_model
 
 D = sb.D_MODEL
 

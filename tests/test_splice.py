@@ -1,4 +1,4 @@
-"""sae.eval.splice: loss recovered by splicing, on a tiny random transformer-lens model.
+"""sae.lm.splice: loss recovered by splicing, on a tiny random transformer-lens model.
 
 Exact dictionaries make the formula checkable: an SAE that reconstructs x exactly must recover
 1.0, one that outputs zeros must recover 0 against zero-ablation, the error term must reproduce
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sae
-from sae import model as tl
-from sae.eval import splice
+from sae.lm import models
+from sae.lm import splice
 
 D = 16
 CFG = dict(d_model=D, d_head=4, n_layers=2, n_heads=4, d_mlp=32, d_vocab=40, n_ctx=12, act_fn="gelu", seed=0)
@@ -21,7 +21,7 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def model():
-    return tl.build_model(CFG)
+    return models.build_model(CFG)
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +159,10 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err and not (tmp_path / "o.json").exists()
 
 
-@pytest.mark.skipif(tl.tl_major() >= 4, reason="a random scenes model can only be built under TL 3.x")
+@pytest.mark.skipif(models.tl_major() >= 4, reason="a random scenes model can only be built under TL 3.x")
 def test_scenes_answer_scope_on_a_random_scenes_model():
     """The answers scope reads the logits before each answer (the model is untrained: mechanics only)."""
-    from sae.scenes_model import ScenesModelConfig, build_model
+    from sae.lm.scenes_model import ScenesModelConfig, build_model
 
     m = build_model(ScenesModelConfig(d_model=32, n_heads=4, d_mlp=64)).eval()
     batches = splice.make_batches("scenes", m, "generator", n_sequences=16, batch_size=8)
@@ -186,12 +186,12 @@ def test_scenes_answer_scope_on_a_random_scenes_model():
     assert b2["ce_clean"] == pytest.approx(ce0, rel=1e-5)
 
 
-SCENES_WEIGHTS = Path(tl.__file__).resolve().parent / "assets" / "scenes_model.safetensors"
+SCENES_WEIGHTS = Path(models.__file__).resolve().parent / "assets" / "scenes_model.safetensors"
 
 
 @pytest.mark.skipif(not SCENES_WEIGHTS.exists(), reason="scenes model weights not shipped yet (sae/assets)")
 def test_scenes_model_answers_scope():
-    m = tl.load_model("scenes")
+    m = models.load_model("scenes")
     d = m.cfg.d_model
     eye = torch.eye(d)
     ex = sae.ReLUSAE(d, 2 * d).eval()

@@ -1,5 +1,5 @@
 """The reader (sae/store.py): global shuffle, exact resume, flat memory, and clear errors for bad
-caches. Caches are written from tensors (sae.cache.write_tensors): no model needed."""
+caches. Caches are written from tensors (sae.lm.cache.write_tensors): no model needed."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae.cache import write_tensors
-from sae.store import ActivationStore, CacheError, TensorStore, make_store, open_cache
+from sae.lm.cache import write_tensors
+from sae.core.store import ActivationStore, CacheError, TensorStore, make_store, open_cache
 
 
 def indexed(n, d=4):
@@ -230,7 +230,7 @@ def test_nan_rows_are_named(tmp_path):
     t = load_file(f)
     t["activations"][[17, 42], 1] = float("nan")
     save_file(t, f)
-    from sae.store import sha256_file
+    from sae.core.store import sha256_file
     rewrite_manifest(path, shards=lambda s: [*s[:2], {**s[2], "sha256": sha256_file(f)}, s[3]])
     s = make_store(path, batch_size=400, seed=0, block_rows=50, buffer_rows=100)
     with pytest.raises(CacheError, match="NaN/inf activations in .* hook activations: shard-00002.safetensors rows 17, 42 \\(2 rows") as e:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sae
-from sae.trainer import TrainConfig, lr_factor, sparsity_factor
+from sae.core.trainer import TrainConfig, lr_factor, sparsity_factor
 
 
 def sparse_data(n=4096, d=16, atoms=48, seed=0):
@@ -40,7 +40,7 @@ def test_training_learns_and_leaves_a_dictionary_that_works_on_raw_activations(t
     assert [entry["step"] for entry in logs] == [50, 100, 150, 200, 250, 300]
     assert logs[-1]["fvu"] < logs[0]["fvu"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fvu"] == result.metrics["fvu"]
-    assert sae.io.load_sparsity(tmp_path / "run" / "sae").shape == (64,)
+    assert sae.core.io.load_sparsity(tmp_path / "run" / "sae").shape == (64,)
 
 
 @pytest.mark.parametrize("cls,options", [(sae.BatchTopKSAE, {"k": 4}), (sae.JumpReLUSAE, {"l0_coeff": 0.05}),

@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 import sae
-from sae.files import write_json
-from sae.io import read_json
+from sae.core.files import write_json
+from sae.core.io import read_json
 
 OLD_L1_COEFF = 5.0  # ReLU's default before this study: collapses reconstruction at d=32, L0=4
 # ReLU at its default stayed within this factor of the best TopK/BatchTopK FVU on every grid cell.

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae.matching import chance_cos, fit_map, largest_agreeing_set, llr, log_marginal, strong_entries, validate
+from sae.recipes.matching import chance_cos, fit_map, largest_agreeing_set, llr, log_marginal, strong_entries, validate
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class EchoResult:
 
 # -- the search -----------------------------------------------------------------------------------
 class _Evidence:
-    """K[(i,j),(k,l)] = llr(G_ik, G_jl) (sae.matching): evidence that candidates i→j and k→l are
+    """K[(i,j),(k,l)] = llr(G_ik, G_jl) (sae.recipes.matching): evidence that candidates i→j and k→l are
     both echo pairs of one orthogonal map; a candidate carries none about itself. Candidate
     p = i·m + j. Computed on demand (the full matrix would be (m²)² floats)."""
 

@@ -175,7 +175,7 @@ def read_run(path: Path) -> Run:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             run.metrics_note = f"metrics.json is not valid JSON ({e})"
 
-    from sae import io as sae_io  # noqa: PLC0415
+    from sae.core import io as sae_io  # noqa: PLC0415
 
     if not (path / "sae").is_dir():
         run.model_note = "no sae/ dictionary (the run has not finished)"
@@ -224,7 +224,7 @@ def read_legend(path: Path, n_groups: int) -> tuple[list[dict], list[str]]:
 
 
 def labels_from_file(cfg: ReportConfig, run: Run) -> Labels:
-    from sae.io import LoadError, read_safetensors  # noqa: PLC0415
+    from sae.core.io import LoadError, read_safetensors  # noqa: PLC0415
 
     path = Path(cfg.labels)
     try:
@@ -261,7 +261,7 @@ def labels_from_file(cfg: ReportConfig, run: Run) -> Labels:
 
 
 def open_run_cache(run: Run):
-    from sae.store import CacheError, open_cache  # noqa: PLC0415
+    from sae.core.store import CacheError, open_cache  # noqa: PLC0415
 
     try:
         return open_cache(run.config["data"]["cache"], verify=False)
@@ -276,7 +276,7 @@ def run_hook(run: Run, cache) -> str:
 
 def regenerate_scenes(source: dict, n: int):
     """The first n scenes of a scenes cache's source (generation is sequential, so a prefix suffices)."""
-    from sae import scenes  # noqa: PLC0415
+    from sae.lm import scenes  # noqa: PLC0415
 
     if n > int(source["n_sequences"]):
         raise ReportError(f"cache rows name sequence {n - 1}, the source has {source['n_sequences']}")
@@ -294,7 +294,7 @@ def check_scene_tokens(batch, seq_index: torch.Tensor, position: torch.Tensor, t
 
 def scene_labels(batch, seq_index: torch.Tensor) -> tuple[torch.Tensor, list[dict], list[str]]:
     """(object, attribute) labels of the scenes `seq_index` of `batch`: one group per (object, family)."""
-    from sae import scenes  # noqa: PLC0415
+    from sae.lm import scenes  # noqa: PLC0415
 
     labels = batch.attributes[seq_index.long()].reshape(len(seq_index), -1)  # -1 where there is no object
     groups = [{"slot": j, "family": a, "values": list(scenes.FAMILIES[a])}
@@ -306,14 +306,14 @@ def labels_from_scenes_cache(cfg: ReportConfig, run: Run) -> Labels | str:
     """Labels for a run trained on a scenes cache, or a note saying why there are none."""
     if "cache" not in run.config.get("data", {}):
         return "the run was trained on an in-memory tensor; pass --labels to draw this heatmap"
-    from sae import scenes  # noqa: PLC0415
+    from sae.lm import scenes  # noqa: PLC0415
 
     try:
         cache = open_run_cache(run)
     except ReportError as e:  # moved or deleted since training: the rest of the report still stands
         return str(e)
     source = cache.manifest.get("source", {})
-    if source.get("kind") != "generator" or "sae.scenes" not in str(source.get("function", "")):
+    if source.get("kind") != "generator" or "scenes.generate_tokens" not in str(source.get("function", "")):
         return f"the run's cache ({cache.path}) is not a scenes cache; pass --labels to draw this heatmap"
     seq_index, position, token_ids = (cache.read(c) for c in ("seq_index", "position", "token_ids"))
     rows = (position == scenes.SEP_POS).nonzero().squeeze(1)[: cfg.max_rows]

@@ -6,7 +6,7 @@ published SAEs in SAEBench's tables and plots.
     python -m sae.eval.saebench runs/topk-x [--model scenes] [--out-dir eval_results]
     -> eval_results/{release}_{sae_id}_eval_results.json                            (SAEBench's name)
 
-The numbers come from one pass of sae.eval.splice over held-out token batches (CE/KL with SAEBench's
+The numbers come from one pass of sae.lm.splice over held-out token batches (CE/KL with SAEBench's
 zero-ablation baseline; the mean-ablation numbers go to eval_result_unstructured) plus weight
 statistics. Definitions follow SAEBench's code where it is well defined; where it is not, ours
 are used and said so in eval_result_unstructured["definitions"]:
@@ -20,7 +20,7 @@ are used and said so in eval_result_unstructured["definitions"]:
                       is trained on its query answers only (elsewhere its CE is worse than uniform):
                       there over the answers; the all-position numbers stay in the unstructured part
 Encoders (MiniLM) have no token loss: the CE/KL fields are -1 (SAEBench's value for NaN) and the
-embedding metrics of sae.eval.splice go to eval_result_unstructured.
+embedding metrics of sae.lm.splice go to eval_result_unstructured.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sae.config import option
+from sae.core.config import option
 
 PRECISION = 10  # SAEBench rounds per-latent values to 10 digits (DEFAULT_FLOAT_PRECISION)
 
@@ -45,7 +45,7 @@ PRECISION = 10  # SAEBench rounds per-latent values to 10 digits (DEFAULT_FLOAT_
 class CoreConfig:
     model: str = option("", "model id ('' = the dictionary's metadata.model_name)")
     hook: str = option("", "hook name ('' = the dictionary's metadata.hook_name)")
-    source: str = option("", "token source, as for sae.eval.splice ('' = scenes generator / shipped English)")
+    source: str = option("", "token source, as for sae.lm.splice ('' = scenes generator / shipped English)")
     split: str = option("test", "scenes generator split")
     n_sequences: int = option(512, "sequences to evaluate")
     seq_len: int = option(0, "text sources: tokens per sequence (0 = model n_ctx)")
@@ -58,7 +58,7 @@ class CoreConfig:
 
 
 class _Rows:
-    """Statistics of the replaced rows that sae.eval.splice's RunningStats does not keep."""
+    """Statistics of the replaced rows that sae.lm.splice's RunningStats does not keep."""
 
     def __init__(self, n_latents: int):
         self.n = 0
@@ -137,7 +137,7 @@ def _sae_lens_version():
 def core_eval(model, sae, hook: str, batches, *, model_name: str, dataset: str, sae_cfg_dict: dict | None = None,
               sae_id: str = "", release: str = "local", scale: float = 1.0, progress: bool = False) -> dict:
     """The SAEBench core-eval output object (a dict, ready for json.dump) for `sae` at `hook`."""
-    from sae.eval.splice import splice_eval
+    from sae.lm.splice import splice_eval
 
     rows = _Rows(sae.n_total)
     sp = splice_eval(model, sae, hook, batches, scale=scale, on_rows=rows, progress=progress)
@@ -222,7 +222,7 @@ def result_path(out_dir: str | Path, release: str, sae_id: str) -> Path:
 
 
 def main(argv=None) -> int:
-    from sae.eval.splice import load_for_eval, make_batches, resolve_sae_dir, write_json
+    from sae.lm.splice import load_for_eval, make_batches, resolve_sae_dir, write_json
 
     p = argparse.ArgumentParser(prog="python -m sae.eval.saebench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         sae_cfg.setdefault("metadata", {}).update(model_name=model_id, hook_name=hook)
         batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
         source = cfg.source or ("generator" if model_id == "scenes" else "eval/data/english.txt")
-        dataset = (f"sae.scenes.generate_tokens(split={cfg.split}, seed={cfg.seed})" if source == "generator" else source)
+        dataset = (f"sae.lm.scenes.generate_tokens(split={cfg.split}, seed={cfg.seed})" if source == "generator" else source)
         sae_id = cfg.sae_id or (sae_dir.parent.name if sae_dir.name == "sae" else sae_dir.name)
         res = core_eval(model, sae, hook, batches, model_name=model_id, dataset=f"{dataset}, {cfg.n_sequences} sequences",
                         sae_cfg_dict=sae_cfg, sae_id=sae_id, release=cfg.release, progress=True)

@@ -71,10 +71,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae import scenes
-from sae.scenes import ATTRIBUTES, COLOURS, FAMILIES, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
-from sae.binding import BindingSAE
-from sae.scenes_model import BOTTLENECK_HOOK, _patch_sep, _slice, query_logits
+from sae.lm import scenes
+from sae.lm.scenes import ATTRIBUTES, COLOURS, FAMILIES, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
+from sae.core.architectures.binding import BindingSAE
+from sae.lm.scenes_model import BOTTLENECK_HOOK, _patch_sep, _slice, query_logits
 
 D_MODEL = 64  # the shipped scenes model's width (sae/assets/scenes_model.json)
 COS_DIFFER = 0.99  # codes "differ" below this cosine: well above float noise, below any real change
@@ -133,7 +133,7 @@ HEADS = [(s, a) for s in range(scenes.MAX_OBJECTS) for a in range(len(ATTRIBUTES
 
 def fit_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600, lr: float = 0.05):
     """One multinomial logistic probe per (object, attribute) on standardised features, full-batch
-    Adam from zero (the recipe of sae.scenes_model's probes). The heads share nothing but the
+    Adam from zero (the recipe of sae.lm.scenes_model's probes). The heads share nothing but the
     features, and Adam is per-parameter, so fitting them together equals fitting them apart.
     Returns predict(x_new) -> (N, MAX_OBJECTS, 3) value indices."""
     x = x.float()
@@ -562,7 +562,7 @@ def load_run(path: str):
     """(sae, info) for a run directory (sae/cfg.json) or a dictionary directory (cfg.json), checked
     to be an SAE on the scenes bottleneck; ValueError with one line otherwise."""
     import sae as sae_lib
-    from sae.eval.splice import resolve_sae_dir
+    from sae.lm.splice import resolve_sae_dir
 
     p = Path(path)
     if not p.is_dir():
@@ -647,7 +647,7 @@ def main(argv=None) -> int:
         if args.n_train < 100 or args.n_eval < 10:
             raise ValueError("--n-train must be >= 100 and --n-eval >= 10")
         loaded = [load_run(r) for r in args.runs]  # every run is checked before the slow part
-        from sae.scenes_model import load_scenes_model
+        from sae.lm.scenes_model import load_scenes_model
 
         model = load_scenes_model()
         results, t0 = {}, time.time()
@@ -657,7 +657,7 @@ def main(argv=None) -> int:
             res.update(run=info, seconds=round(time.time() - t, 1))
             name = Path(info["path"]).name
             results[name if name not in results else info["path"]] = res
-    except (ValueError, OSError) as e:  # sae.io.LoadError is a ValueError
+    except (ValueError, OSError) as e:  # sae.core.io.LoadError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))

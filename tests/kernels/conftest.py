@@ -16,7 +16,7 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRI
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv("SAE_KERNELS", request.param)
-    from sae.kernels.pairs import CACHE
+    from sae.core.kernels.pairs import CACHE
 
     CACHE.clear()
     return request.param

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from sae.kernels import bench
+from sae.core.kernels import bench
 
 
 def test_bench_smoke_runs_end_to_end(capsys, monkeypatch):
@@ -47,7 +47,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this triton build ships no NVIDIA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-m", "sae.kernels.compile_check", "--quick"], env=env,
+    r = subprocess.run([sys.executable, "-m", "sae.core.kernels.compile_check", "--quick"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAILED" not in r.stdout and "SPILLS" not in r.stdout, r.stdout

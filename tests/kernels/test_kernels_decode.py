@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_truth import TOL, binding_x_hat, dense_codes, f64, leaf, rel
 
-from sae.kernels import binding_decode, sparse_decode
+from sae.core.kernels import binding_decode, sparse_decode
 
 # (B, k, n, d, index pattern): sizes off the block multiples, k = 1, a wide k (several gather steps),
 # repeated latents within and across rows, and a hot set of 3 latents that every token uses.

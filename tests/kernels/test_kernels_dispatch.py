@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from sae.kernels import backend, binding_decode, sparse_decode, topk_encode
-from sae.kernels.pairs import CACHE, sort_pairs
+from sae.core.kernels import backend, binding_decode, sparse_decode, topk_encode
+from sae.core.kernels.pairs import CACHE, sort_pairs
 
 
 def test_backend_default_and_forced(monkeypatch):
@@ -22,8 +22,8 @@ def test_backend_default_and_forced(monkeypatch):
 
 
 def test_import_is_light():
-    """Importing sae.kernels pulls in neither triton nor the heavy optional packages."""
-    code = ("import sys, sae.kernels; bad = [m for m in ('triton', 'transformer_lens', 'wandb', 'datasets') "
+    """Importing sae.core.kernels pulls in neither triton nor the heavy optional packages."""
+    code = ("import sys, sae.core.kernels; bad = [m for m in ('triton', 'transformer_lens', 'wandb', 'datasets') "
             "if m in sys.modules]; assert not bad, bad")
     env = {k: v for k, v in os.environ.items() if k != "SAE_KERNELS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_truth import TOL, binding_x_hat, dense_codes, f64, leaf, pre_activations, rel
 
-from sae.kernels import auxk_reconstruct, batch_topk_encode, binding_decode, sparse_decode, topk_encode
-from sae.kernels.pairs import CACHE
+from sae.core.kernels import auxk_reconstruct, batch_topk_encode, binding_decode, sparse_decode, topk_encode
+from sae.core.kernels.pairs import CACHE
 
 
 def _sae(B, d, n, seed, dev, scale_rows=None):

@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from sae.kernels import batch_topk_encode, binding_decode, dispatch, reference, selfcheck, sparse_decode, topk_encode
-from sae.kernels.selfcheck import KernelCheckError, KernelCheckWarning
+from sae.core.kernels import batch_topk_encode, binding_decode, dispatch, reference, selfcheck, sparse_decode, topk_encode
+from sae.core.kernels.selfcheck import KernelCheckError, KernelCheckWarning
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton missing")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_truth import TOL, f64, leaf, pre_activations, rel
 
-from sae.kernels import topk_encode
+from sae.core.kernels import topk_encode
 
 # (B, d, n, k, groups, b_dec, chunk, hot): sizes off the block multiples; k = 1 and k = n; per-group
 # top-k; chunk forces several column chunks and the merge kernel; hot = a few latents with a large

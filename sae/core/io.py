@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import files
-from .base import SAE
+from sae.core import files
+from sae.core.architectures.base import SAE
 
 FORMAT_VERSION = 1
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -36,7 +36,7 @@ class LoadError(ValueError):
 
 
 def write_json(path: Path, obj):
-    """Atomically write JSON (sae.files: temporary name, fsync, rename)."""
+    """Atomically write JSON (sae.core.files: temporary name, fsync, rename)."""
     files.write_json(path, obj)
 
 

@@ -10,7 +10,7 @@ because an orthogonal M preserves the Gram matrix. So, of the step budget T:
              It rarely finds the correspondence, but its shared D settles on one slot's atoms.
   2. split   (45%) untie: a standard SAE of the same sparsity rule whose decoder starts as
              [D; M_2 D; ...] (and the same encoder). Its free blocks settle on the other slots.
-  3. match   graph matching (sae.matching.match_blocks) of block 1 against the live rows of the
+  3. match   graph matching (sae.recipes.matching.match_blocks) of block 1 against the live rows of the
              other blocks gives, per slot, a correspondence and M_s (Procrustes); slot-s latents
              are reordered by it, encoder columns moved with them.
   4. rebind  (30%) the caller's model starts from D = block 1 and the fitted M_s, and is trained.
@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from . import files, io
-from .binding import RULE_BASES, BindingSAE
-from .matching import MatchConfig, fit_map, match_blocks
-from .metrics import batch_metrics
-from .config import OptionError
-from .run_dir import RunDir, is_run
-from .trainer import TrainResult, train
+from sae.core import files, io
+from sae.core.architectures.binding import RULE_BASES, BindingSAE
+from sae.recipes.matching import MatchConfig, fit_map, match_blocks
+from sae.core.metrics import batch_metrics
+from sae.core.config import OptionError
+from sae.core.run_dir import RunDir, is_run
+from sae.core.trainer import TrainResult, train_loop
 
 BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
 MIN_PAIRS = 8  # fewer matched pairs than this and the match is not trusted
@@ -87,11 +87,11 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
         if keep:
             opts["b_dec_init"] = "keep"
         if phases is None:
-            return train(m, data, **opts)
+            return train_loop(m, data, **opts)
         where = phases / name
         if (where / "metrics.json").exists():  # finished before an interruption
             return TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
-        return train(m, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
+        return train_loop(m, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
 
     # 1. bind: free transforms from a random orthogonal start find the slot partition
     torch.manual_seed(seed)
@@ -116,7 +116,7 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
     info = rebind_(model, bound, split, usage, seed)
 
     # 4. rebind
-    result = train(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
+    result = train_loop(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
                                           binding_recipe="plain", b_dec_init="keep", run_dir=run_dir,
                                           resume=resume and (Path(run_dir) / "config.json").exists()))
     with torch.no_grad():
@@ -136,7 +136,7 @@ def _train_plain(model: BindingSAE, data, steps, seed, run_dir, resume, options)
     warnings.warn(f"binding recipe skipped: with {model.cfg.n_latents} atoms in d={model.d_in} a match needs "
                   f"~{int(2 * model.d_in / 3) + 1} validated pairs but at most {MATCH_ROWS} rows are matched; "
                   "training plainly", stacklevel=3)
-    result = train(model, data, **dict(options, steps=steps, seed=seed, binding_recipe="plain",
+    result = train_loop(model, data, **dict(options, steps=steps, seed=seed, binding_recipe="plain",
                                           run_dir=run_dir, resume=resume))
     with torch.no_grad():
         active = model(_sample(data, options, seed).to(model.b_dec.device)).codes > 0
@@ -227,7 +227,7 @@ def _options(cfg, config_cls) -> dict:
 
 def _sample(data, options: dict, seed: int) -> torch.Tensor:
     """Up to SAMPLE_ROWS activations (raw units) for usage and the verdicts."""
-    from .store import make_store  # noqa: PLC0415
+    from sae.core.store import make_store  # noqa: PLC0415
 
     hook = options.get("hook") or None
     n_rows = make_store(data, batch_size=1, hook=hook).n_rows

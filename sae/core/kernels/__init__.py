@@ -33,8 +33,8 @@ The kernels read weights with any strides; on a GPU, keep W_enc stored (n, d)-ma
 made as torch.empty(n, d).t()): its columns are then contiguous rows for the sparse backward, and
 the dW_enc the kernels write matches it without a transpose copy.
 """
-from .dispatch import auxk_reconstruct, backend, batch_topk_encode, binding_decode, sparse_decode, topk_encode
-from .selfcheck import KernelCheckError, KernelCheckWarning
+from sae.core.kernels.dispatch import auxk_reconstruct, backend, batch_topk_encode, binding_decode, sparse_decode, topk_encode
+from sae.core.kernels.selfcheck import KernelCheckError, KernelCheckWarning
 
 __all__ = ["backend", "topk_encode", "sparse_decode", "binding_decode", "batch_topk_encode", "auxk_reconstruct",
            "KernelCheckError", "KernelCheckWarning"]

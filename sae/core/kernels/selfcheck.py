@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
+from sae.core.kernels import reference
 
 _B = 16  # batch of the check problem; a multiple of 16, as training batches are (ints are specialised on it)
 _SEED = 20240917
@@ -134,7 +134,7 @@ def _fallback(op):
                                "reference instead") from exc
     if op not in _WARNED:
         _WARNED.add(op)
-        warnings.warn(f"sae.kernels: {what}. {op} runs on the PyTorch reference for the rest of this process "
+        warnings.warn(f"sae.core.kernels: {what}. {op} runs on the PyTorch reference for the rest of this process "
                       "(SAE_KERNELS=torch chooses it without the check).",
                       KernelCheckWarning, stacklevel=5)  # points at the caller of the op
     return False
@@ -189,7 +189,7 @@ def _run_check(spec, run):
 @contextlib.contextmanager
 def _clean_context(device):
     """No caller autocast, inference_mode or no_grad; random streams and the pair-sort cache restored."""
-    from .pairs import CACHE
+    from sae.core.kernels.pairs import CACHE
 
     saved = list(CACHE.entries)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []

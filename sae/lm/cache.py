@@ -2,9 +2,9 @@
 
     cfg = CacheConfig(model="scenes", out="cache/scenes")       # hooks default to the model's own
     path = write_cache(cfg)                       # python train.py cache --model scenes ...
-    store = sae.store.make_store(path, batch_size=4096)        # read it back (sae/store.py)
+    store = sae.core.store.make_store(path, batch_size=4096)        # read it back (sae/store.py)
 
-Token sources (`source`): "generator" (the built-in scenes generator, sae.scenes.generate_tokens),
+Token sources (`source`): "generator" (the built-in scenes generator, sae.lm.scenes.generate_tokens),
 a .txt file (one document per non-empty line) or .jsonl file (one JSON object per line, text in
 `text_field`), tokenised with the model's tokenizer (BOS prepended to each document; a document
 longer than seq_len is cut, unless `pack` runs documents on), or pre-tokenised integer arrays
@@ -26,7 +26,7 @@ map back to tokens; then manifest.json, written last: a directory without it is 
 manifest's "model_load" says how the model was loaded (SAELens' model_class_name and
 model_from_pretrained_kwargs, the processing flags and the loader function).
 
-One writer per output: `out` is locked (sae.files.DirLock, an flock on the folder) for the whole
+One writer per output: `out` is locked (sae.core.files.DirLock, an flock on the folder) for the whole
 write, so a second writer, with the same config or another, is refused at once (BusyError)
 instead of racing the first. Files follow sae/files.py's policy: written under a pid-unique
 temporary name, fsynced, renamed, with the permissions the umask gives (0644 under umask 022).
@@ -54,11 +54,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import files
-from . import model as tl
-from .config import OptionError, option
-from .scenes import generate_tokens
-from .store import COLUMNS, DTYPES, FORMAT, MANIFEST, VERSION, CacheError, nonfinite_rows, sha256_file
+from sae.core import files
+from sae.lm import models
+from sae.core.config import OptionError, option
+from sae.lm.scenes import generate_tokens
+from sae.core.store import COLUMNS, DTYPES, FORMAT, MANIFEST, VERSION, CacheError, nonfinite_rows, sha256_file
 
 PROGRESS = "progress.json"
 SHARD = "shard-{:05d}.safetensors"
@@ -166,7 +166,7 @@ def check_config(cfg: CacheConfig):
 
 def check_applies(cfg: CacheConfig):
     """Refuse an option set (away from its default) that the chosen source would ignore. Separate
-    from check_config because other readers of sources (sae.eval.splice) set split and seed for
+    from check_config because other readers of sources (sae.lm.splice) set split and seed for
     their own reasons; the cache writer calls both."""
     defaults = {f.name: f.default for f in fields(CacheConfig)}
     kind = source_kind(cfg)
@@ -177,8 +177,8 @@ def check_applies(cfg: CacheConfig):
 
 def model_kwargs(cfg: CacheConfig) -> dict:
     """cfg.model_kwargs parsed, after checking it and model_processing against the model."""
-    if cfg.model_processing not in tl.PROCESSING:
-        raise CacheOptionError("model_processing", f"must be one of {', '.join(tl.PROCESSING)}, "
+    if cfg.model_processing not in models.PROCESSING:
+        raise CacheOptionError("model_processing", f"must be one of {', '.join(models.PROCESSING)}, "
                                                    f"got {cfg.model_processing!r}")
     try:
         kw = json.loads(cfg.model_kwargs) if cfg.model_kwargs.strip() else {}
@@ -190,7 +190,7 @@ def model_kwargs(cfg: CacheConfig) -> dict:
     for key, instead in (("device", "--device"), ("model_name", "--model")):
         if key in kw:
             raise CacheOptionError("model_kwargs", f"must not set {key!r}; use {instead}")
-    builtin = cfg.model in (tl.BUILTIN, *tl.MINILM)
+    builtin = cfg.model in (models.BUILTIN, *models.MINILM)
     if builtin and cfg.model_processing != "none":
         raise CacheOptionError("model_processing", f"applies to Hub models only; {cfg.model!r} is built in")
     if builtin and kw:
@@ -228,7 +228,7 @@ class _Generated(_Source):
         self.tokens = generate_tokens(n, cfg.seed, cfg.split)
         self.n_sequences, self.width = self.tokens.shape
         self.notes = []
-        self.desc = {"kind": "generator", "function": "sae.scenes.generate_tokens",
+        self.desc = {"kind": "generator", "function": "sae.lm.scenes.generate_tokens",
                      "n_sequences": n, "seed": cfg.seed, "split": cfg.split}
 
     def batches(self, start, bs):
@@ -462,9 +462,15 @@ def _prior(out: Path, config: dict, ignore=()):
     return "new", None
 
 
+LEGACY_GENERATOR = "sae.scenes.generate_tokens"
+
+
 def _check_identity(out: Path, prior: dict, identity: dict):
     """Same config (checked by _prior): refuse all the same when the weights or the source differ."""
     old = prior["identity"]
+    source = old.get("source") or {}
+    if source.get("function") == LEGACY_GENERATOR:  # the same generator, before the package was layered
+        old = {**old, "source": {**source, "function": identity["source"].get("function")}}
     if old.get("model_sha256") != identity["model_sha256"]:
         what = "model weights"
     elif old.get("source") != identity["source"]:
@@ -567,14 +573,14 @@ def _prepare(cfg: CacheConfig, model, tokenizer) -> SimpleNamespace:
     """Load the model and tokenizer, resolve the hooks, open the source and fix everything the run
     and the manifest need. Refuses bad hooks, tokens and positions before anything is written."""
     if model is None:
-        model = tl.load_model(cfg.model, cfg.device, cfg.model_processing, model_kwargs(cfg))
+        model = models.load_model(cfg.model, cfg.device, cfg.model_processing, model_kwargs(cfg))
     if tokenizer is None:
         try:
-            tokenizer = tl.get_tokenizer(cfg.model, model)
+            tokenizer = models.get_tokenizer(cfg.model, model)
         except (ValueError, ImportError):
             tokenizer = None  # fine for token-array sources; _Text says so otherwise
-    hooks = list(cfg.hooks) or tl.default_hooks(cfg.model, model)
-    tl.check_hook_names(model, hooks, cfg.model)
+    hooks = list(cfg.hooks) or models.default_hooks(cfg.model, model)
+    models.check_hook_names(model, hooks, cfg.model)
     if not cfg.hooks:
         print(f"hooks: {', '.join(hooks)} ({cfg.model}'s default; --hooks to choose)", file=sys.stderr)
     n_ctx = model.cfg.n_ctx
@@ -589,13 +595,13 @@ def _prepare(cfg: CacheConfig, model, tokenizer) -> SimpleNamespace:
     plan = SimpleNamespace(
         cfg=cfg, model=model, source=source, hooks=hooks, keep_pos=keep_pos, d_vocab=model.cfg.d_vocab,
         bos=tokenizer.bos_token_id if tokenizer is not None else None,
-        pad=tokenizer.pad_token_id if (tokenizer is not None and cfg.model == tl.BUILTIN) else None,
+        pad=tokenizer.pad_token_id if (tokenizer is not None and cfg.model == models.BUILTIN) else None,
         special=sorted(getattr(tokenizer, "drop_token_ids", ())) if (tokenizer is not None and cfg.drop_bos) else [])
     # one sequence through the model gives each hook's width (and proves the hooks run)
     first = next(source.batches(0, 1))[1]
     _check_tokens(plan, first, 0)
-    plan.d_in = {h: a.shape[-1] for h, a in tl.hook_activations(model, first, hooks).items()}
-    plan.identity = {"config": _config(cfg, hooks), "model_sha256": tl.model_fingerprint(model), "source": source.desc}
+    plan.d_in = {h: a.shape[-1] for h, a in models.hook_activations(model, first, hooks).items()}
+    plan.identity = {"config": _config(cfg, hooks), "model_sha256": models.model_fingerprint(model), "source": source.desc}
     row_bytes = (sum(plan.d_in.values()) * DTYPES[cfg.dtype].itemsize
                  + sum(DTYPES[c].itemsize for c in COLUMNS.values()))
     plan.shard_rows = cfg.shard_rows or max(1, SHARD_BYTES // row_bytes)
@@ -604,12 +610,12 @@ def _prepare(cfg: CacheConfig, model, tokenizer) -> SimpleNamespace:
 
 
 def _load_record(model) -> dict:
-    """How the model was loaded (sae.model.load_record), or as much as is known of one passed in."""
+    """How the model was loaded (sae.lm.models.load_record), or as much as is known of one passed in."""
     record = getattr(model, "sae_model_load", None)
     if record is not None:
         return record
     return {"model_class_name": type(model).__name__, "model_from_pretrained_kwargs": None,
-            **dict.fromkeys(tl.PROCESSING_FLAGS, None), "loader": "given to write_cache (not loaded by it)"}
+            **dict.fromkeys(models.PROCESSING_FLAGS, None), "loader": "given to write_cache (not loaded by it)"}
 
 
 def _header(plan) -> dict:
@@ -619,7 +625,7 @@ def _header(plan) -> dict:
         "hooks_default": not cfg.hooks, "d_in": plan.d_in, "dtype": cfg.dtype, "seq_len": plan.source.width,
         "drop_bos": cfg.drop_bos, "bos_token_id": plan.bos, "pad_token_id": plan.pad,
         "dropped_token_ids": plan.special or None, "positions": plan.keep_pos or None, "columns": COLUMNS,
-        "shard_rows": plan.shard_rows, "transformer_lens": tl.tl_version(), "model_load": _load_record(plan.model),
+        "shard_rows": plan.shard_rows, "transformer_lens": models.tl_version(), "model_load": _load_record(plan.model),
         "source": plan.source.desc, "shaping": plan.source.notes, "identity": plan.identity,
     }
 
@@ -695,7 +701,7 @@ def _kept_positions(plan, toks, lengths) -> torch.Tensor:
 def _rows(plan, toks, sel, b: int) -> dict:
     """Activations (per hook) and columns of the selected flat positions of batch b."""
     (B, T), bs = toks.shape, plan.cfg.batch_size
-    acts = tl.hook_activations(plan.model, toks, plan.hooks)
+    acts = models.hook_activations(plan.model, toks, plan.hooks)
     rows = {h: a.reshape(B * T, -1)[sel].cpu() for h, a in acts.items()}
     for h, a in rows.items():
         bad = nonfinite_rows(a)

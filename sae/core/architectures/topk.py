@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import kernels
-from .base import SAE, Code, SAEConfig
-from .config import OptionError, option
+from sae.core import kernels
+from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.config import OptionError, option
 
 
 @dataclass

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .base import SAE, Code, ComposedSAE, SAEConfig
-from .config import OptionError, option
-from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .jumprelu import JumpReLUConfig, JumpReLUSAE
-from .relu import ReLUConfig, ReLUSAE
-from .topk import TopKConfig, TopKSAE
+from sae.core import kernels
+from sae.core.architectures.base import SAE, Code, ComposedSAE, SAEConfig
+from sae.core.config import OptionError, option
+from sae.core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae.core.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sae.core.architectures.relu import ReLUConfig, ReLUSAE
+from sae.core.architectures.topk import TopKConfig, TopKSAE
 
 TRANSFORMS = ("orthogonal", "full", "identity")
 TRANSFORM_INITS = ("identity", "random_orthogonal", "near_identity")

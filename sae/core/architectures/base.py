@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .config import OptionError, option
+from sae.core import kernels
+from sae.core.config import OptionError, option
 
 
 @dataclass
@@ -276,8 +276,8 @@ class SAE(nn.Module):
 
     # ---- export ----------------------------------------------------------------------------
     def save(self, path, **kwargs):
-        """Write cfg.json + sae_weights.safetensors (see sae.io.save)."""
-        from .io import save
+        """Write cfg.json + sae_weights.safetensors (see sae.core.io.save)."""
+        from sae.core.io import save
 
         return save(self, path, **kwargs)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .base import Code, ComposedSAE, SAEConfig
-from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .config import OptionError
-from .topk import TopKConfig, TopKSAE
+from sae.core.architectures.base import Code, ComposedSAE, SAEConfig
+from sae.core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae.core.config import OptionError
+from sae.core.architectures.topk import TopKConfig, TopKSAE
 
 
 @dataclass

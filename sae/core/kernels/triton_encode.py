@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import INTERPRET, _cast, _pow2, gather_sum, segment_pass
+from sae.core.kernels.triton_decode import INTERPRET, _cast, _pow2, gather_sum, segment_pass
 
 # A chunk's k candidates per row leave the first kernel as int64 keys: the value's float bits,
 # made sign-ordered, in the high word and the column in the low word (one store, one load).
@@ -191,7 +191,7 @@ def encode_blocks(K, elt_size=2):
     """GPU tiles (BM, BN, BK, warps, stages) for a running set of K slots and weights of elt_size
     bytes (bf16 or fp32 storage compile to the same choice). Chosen so the fp32 tile, the (BM, K)
     running set and the wgmma operands fit without register spills on sm_90: `python -m
-    sae.kernels.compile_check` prints registers and spills per configuration. Not yet tuned by
+    sae.core.kernels.compile_check` prints registers and spills per configuration. Not yet tuned by
     timing on a GPU (see BENCHMARKS.md)."""
     if K <= 64:
         return 128, 128, 32, 8, 3

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, Code, SAEConfig
-from .config import OptionError, option
+from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.config import OptionError, option
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pairs import CACHE
+from sae.core.kernels.pairs import CACHE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -2,8 +2,8 @@
 the package, and the script that trains it.
 
     model = load_scenes_model()                 # HookedTransformer (TL 3.x) / TransformerBridge (TL 4.x)
-    python -m sae.scenes_model train            # retrain from scratch, rewrite sae/assets/scenes_model.*
-    python -m sae.scenes_model eval             # re-measure the shipped model
+    python -m sae.lm.scenes_model train            # retrain from scratch, rewrite sae/assets/scenes_model.*
+    python -m sae.lm.scenes_model eval             # re-measure the shipped model
 
 The model sees the scene only through ONE vector: blocks.{BOTTLENECK_LAYER}.hook_resid_post at
 SEP_POS. A fixed attention restriction (part of the loaded model in both TL versions) makes it so:
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae import scenes
-from sae.scenes import KIND_NAMES, N_CTX, SEP_POS, TOKENIZER, SceneBatch
+from sae.lm import scenes
+from sae.lm.scenes import KIND_NAMES, N_CTX, SEP_POS, TOKENIZER, SceneBatch
 
 
 @dataclass
@@ -104,7 +104,7 @@ class _RestrictScores:
 def build_model(cfg: ScenesModelConfig, device="cpu", state_dict=None):
     """A scenes model with the attention restriction active; random init when state_dict is None
     (TL 3.x only: training reads HookedTransformer parameter names, so TL 4.x only loads weights)."""
-    from sae.model import build_model as build_tl_model, tl_major
+    from sae.lm.models import build_model as build_tl_model, tl_major
 
     if state_dict is None and tl_major() >= 4:
         raise RuntimeError("training the scenes model needs transformer-lens 3.x (HookedTransformer)")
@@ -136,7 +136,7 @@ def load_scenes_model(device="cpu", weights: Path | str = WEIGHTS_PATH):
 
     weights = Path(weights)
     if not weights.exists():
-        raise FileNotFoundError(f"no scenes weights at {weights}: run `python -m sae.scenes_model train`")
+        raise FileNotFoundError(f"no scenes weights at {weights}: run `python -m sae.lm.scenes_model train`")
     meta = load_scenes_metadata(weights.with_suffix(".json"))
     names = {f.name for f in fields(ScenesModelConfig)}
     cfg = ScenesModelConfig(**{k: v for k, v in meta["config"].items() if k in names})
@@ -478,7 +478,7 @@ def _metadata(cfg: ScenesModelConfig, model, seconds: float, command: str) -> di
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sae.scenes_model", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sae.lm.scenes_model", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train from scratch and write the weights + JSON")
     for f in fields(ScenesModelConfig):
@@ -489,7 +489,7 @@ def main(argv=None) -> None:
     e.add_argument("--n", type=int, default=None, help="scenes per split (default: the recorded eval_scenes)")
     e.add_argument("--update", action="store_true", help="write the new measurements into the JSON")
     args = p.parse_args(argv)
-    command = "python -m sae.scenes_model " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m sae.lm.scenes_model " + " ".join(sys.argv[1:] if argv is None else argv)
 
     if args.cmd == "train":
         cfg = ScenesModelConfig(**{f.name: getattr(args, f.name) for f in fields(ScenesModelConfig)})

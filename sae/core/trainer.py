@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import io
-from .base import SAE
-from .config import OptionError, option
-from .metrics import batch_metrics, evaluate
-from .run_dir import RunDir, describe_data
+from sae.core import io
+from sae.core.architectures.base import SAE
+from sae.core.config import OptionError, option
+from sae.core.metrics import batch_metrics, evaluate
+from sae.core.run_dir import RunDir, describe_data
 
 L0_TOLERANCE = 0.2  # relative: a final L0 further than this from target_l0 is reported as missed
 # Shrinkage (metrics.py) above this means the penalty, not the data, sets the code sizes. Calibrated
@@ -159,31 +159,31 @@ class TrainingStopped(Exception):
                          "continue with resume=True")
 
 
-def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
-          metadata: dict | None = None, **options) -> TrainResult:
-    """Train `model` on `data` (a (N, d_in) tensor or a cache directory). Options: TrainConfig fields.
+def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
+               metadata: dict | None = None, make_monitor: Callable | None = None, **options) -> TrainResult:
+    """The plain loop: train `model` on `data` (a (N, d_in) tensor or a cache directory) with the
+    TrainConfig `options`. Most users call sae.train, which picks a recipe and ends up here.
 
     `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
     is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
-    With a run_dir, SIGTERM/SIGINT checkpoint the current step and raise TrainingStopped.
+    `make_monitor(metadata, device)` builds the evaluation that splice_every runs (it needs a
+    language model, which this layer does not load). With a run_dir, SIGTERM/SIGINT checkpoint the
+    current step and raise TrainingStopped.
     """
     cfg = make_config(options)
-    if getattr(model, "architecture", "") == "binding" and cfg.binding_recipe == "rebind" \
-            and model.cfg.slot_transform != "identity":  # the identity control has no M to find
-        from .rebind import train_binding  # noqa: PLC0415
-
-        return train_binding(model, data, callback=callback, metadata=metadata, **asdict(cfg))
+    if cfg.splice_every and make_monitor is None:
+        raise OptionError("splice_every", "needs a language model to splice into: call sae.train, which attaches one")
     if cfg.target_l0 > 0 and not has_penalty(model):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = pick_device(cfg.device)
 
-    from .store import make_store  # noqa: PLC0415 (the store imports safetensors readers lazily too)
+    from sae.core.store import make_store  # noqa: PLC0415 (the store imports safetensors readers lazily too)
 
     store = make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=cfg.hook or None)
     if store.d_in != model.d_in:
         raise ValueError(f"data has d_in={store.d_in} but the SAE expects d_in={model.d_in}")
     metadata = data_metadata(store, metadata)
-    monitor = make_splice_monitor(cfg, metadata, device) if cfg.splice_every else None
+    monitor = make_monitor(metadata, device) if cfg.splice_every else None
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=device.type == "cuda")
@@ -422,18 +422,6 @@ def check_l0_target(metrics: dict, cfg: TrainConfig):
         warnings.warn(f"target_l0 {cfg.target_l0:g} missed: final L0 {metrics['l0']:.1f} is off by more than "
                       f"{L0_TOLERANCE:.0%} (coefficient multiplier {metrics['sparsity_coeff_mult']:.3g}); "
                       "train for more steps or raise l0_gain", stacklevel=3)
-
-
-def make_splice_monitor(cfg: TrainConfig, metadata: dict, device):
-    """Loss recovered by splicing, every cfg.splice_every steps (eval/splice.py)."""
-    model_id, hook = metadata.get("model_name"), metadata.get("hook_name")
-    if not model_id or not hook:
-        raise ValueError("splice_every needs the model and hook: train on an activation cache, or pass "
-                         "metadata={'model_name': ..., 'hook_name': ...}")
-    from .eval.splice import make_splice_callback  # noqa: PLC0415 (loads transformer-lens)
-
-    return make_splice_callback(model_id, hook, cfg.splice_every, n_sequences=cfg.splice_sequences,
-                                device=str(device))
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 activation, and measure what that costs against the clean model and two ablation baselines.
 
     res = splice_eval(model, sae, "blocks.1.hook_resid_post", batches)      # library
-    python -m sae.eval.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
+    python -m sae.lm.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
 
 Conditions, each one forward pass per batch with a transformer-lens hook on `hook`:
     clean    no intervention
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae.config import option
+from sae.core.config import option
 
 ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped real English (a few KB)
 
@@ -80,28 +80,28 @@ class TokenBatch:
 
 def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512, batch_size: int = 64,
                  split: str = "test", seed: int = 12345, seq_len: int = 0) -> list[TokenBatch]:
-    """Token batches for splicing, with the same row selection as sae.cache (drop_bos on)."""
-    from sae import model as tl
-    from sae.cache import CacheConfig, check_config, open_source
+    """Token batches for splicing, with the same row selection as sae.lm.cache (drop_bos on)."""
+    from sae.lm import models
+    from sae.lm.cache import CacheConfig, check_config, open_source
 
-    source = source or ("generator" if model_id == tl.BUILTIN else str(ENGLISH))
+    source = source or ("generator" if model_id == models.BUILTIN else str(ENGLISH))
     cfg = CacheConfig(model=model_id, source=source, n_sequences=n_sequences, split=split, seed=seed,
                       seq_len=seq_len, hooks=["unused"], out="unused")
     check_config(cfg)  # one-line errors for a missing file, a wrong suffix, generator for a non-scenes model
     try:
-        tok = tl.get_tokenizer(model_id, model)
+        tok = models.get_tokenizer(model_id, model)
     except (ValueError, ImportError):
         tok = None
     src = open_source(cfg, tok, model.cfg.n_ctx)
     bos = tok.bos_token_id if tok is not None else None
     drop = [t for t in (bos, *getattr(tok, "drop_token_ids", ())) if t is not None]
     no_target = [t for t in (bos,) if t is not None]
-    if model_id == tl.BUILTIN:  # the scenes model's PAD positions carry nothing and predict nothing
+    if model_id == models.BUILTIN:  # the scenes model's PAD positions carry nothing and predict nothing
         drop.append(tok.pad_token_id)
         no_target.append(tok.pad_token_id)
     scenes = None
     if source == "generator":
-        from sae.scenes import sample_batch
+        from sae.lm.scenes import sample_batch
 
         scenes = sample_batch(n_sequences, seed, split)  # the generator source's own scenes (same call)
     out = []
@@ -175,7 +175,7 @@ def _lm_metrics(logits, clean_logits, batch: TokenBatch) -> dict:
 
 
 def _encoder_metrics(hidden, clean_hidden, batch: TokenBatch, pad_id) -> dict:
-    from sae.eval.minilm import mean_pool
+    from sae.lm.minilm import mean_pool
 
     toks = batch.tokens.to(hidden.device)
     e = F.normalize(mean_pool(hidden.float(), toks, pad_id), dim=-1)
@@ -195,10 +195,10 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
     replaced rows (x_hat in x's units; codes as the SAE produced them), for extra statistics."""
     from tqdm.auto import tqdm
 
-    from sae import model as tl
-    from sae.metrics import RunningStats
+    from sae.lm import models
+    from sae.core.metrics import RunningStats
 
-    tl.check_hook_names(model, [hook])
+    models.check_hook_names(model, [hook])
     was_training = sae.training
     sae.eval()
     encoder = is_encoder(model)
@@ -207,7 +207,7 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
         # pass 1: the mean activation over the rows that get replaced (the mean-ablation vector)
         total, count = None, 0
         for b in batches:
-            act = tl.hook_activations(model, b.tokens, [hook])[hook]
+            act = models.hook_activations(model, b.tokens, [hook])[hook]
             a = act[b.splice.to(act.device)].double()
             total = a.sum(0) if total is None else total + a.sum(0)
             count += len(a)
@@ -283,6 +283,19 @@ class SpliceMonitor:
         return {f"splice/{scope}/{k}": v for scope, d in res["scopes"].items() for k, v in d.items() if k in keys}
 
 
+def splice_monitor(every: int, n_sequences: int):
+    """For the training loop's splice_every: a factory it calls with the run's metadata (which
+    names the model and hook) and device, once it knows them."""
+    def make(metadata: dict, device) -> SpliceMonitor:
+        model_id, hook = metadata.get("model_name"), metadata.get("hook_name")
+        if not model_id or not hook:
+            raise ValueError("splice_every needs the model and hook: train on an activation cache, or pass "
+                             "metadata={'model_name': ..., 'hook_name': ...}")
+        return make_splice_callback(model_id, hook, every, n_sequences=n_sequences, device=str(device))
+
+    return make
+
+
 def make_splice_callback(model_id: str, hook: str, every: int, n_sequences: int = 64, batch_size: int = 64,
                          source: str = "", device: str = "cpu", model=None) -> SpliceMonitor:
     """A callable `monitor(sae, step, scale) -> dict` for the training loop: every `every` steps it
@@ -290,10 +303,10 @@ def make_splice_callback(model_id: str, hook: str, every: int, n_sequences: int 
     of n_sequences held-out sequences and returns flat scalars ({"splice/all/ce_recovered_zero":
     ..., ...}) to merge into the step's logs; on other steps it returns {}. The model and the
     token batches are loaded once, here."""
-    from sae import model as tl
+    from sae.lm import models
 
-    model = model if model is not None else tl.load_model(model_id, device)
-    tl.check_hook_names(model, [hook], model_id)
+    model = model if model is not None else models.load_model(model_id, device)
+    models.check_hook_names(model, [hook], model_id)
     return SpliceMonitor(model, hook, make_batches(model_id, model, source, n_sequences, batch_size), every)
 
 
@@ -313,7 +326,7 @@ def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "
     """(sae, model, model_id, hook, cfg.json) for a saved dictionary, with the model and hook from
     its metadata unless given."""
     import sae as sae_lib
-    from sae import model as tl
+    from sae.lm import models
 
     sae_dir = resolve_sae_dir(Path(path))
     cfg = json.loads((sae_dir / "cfg.json").read_text())
@@ -325,8 +338,8 @@ def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "
     if not hook:
         raise ValueError(f"{sae_dir}/cfg.json names no hook (metadata.hook_name): pass --hook")
     sae = sae_lib.load(sae_dir, device=device)
-    model = tl.load_model(model_id, device)
-    tl.check_hook_names(model, [hook], model_id)
+    model = models.load_model(model_id, device)
+    models.check_hook_names(model, [hook], model_id)
     return sae, model, model_id, hook, cfg
 
 
@@ -352,7 +365,7 @@ def write_json(path: Path, obj):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.splice", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sae.lm.splice", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
     for f in fields(SpliceConfig):
@@ -370,7 +383,7 @@ def main(argv=None) -> int:
         batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
         res = splice_eval(model, sae, hook, batches, error_term=cfg.error_term, progress=True)
         res.update(model=model_id, sae=str(resolve_sae_dir(Path(args.path))), config=asdict(cfg))
-    except (ValueError, OSError, ImportError) as e:  # sae.io.LoadError and sae.store.CacheError are ValueErrors
+    except (ValueError, OSError, ImportError) as e:  # sae.core.io.LoadError and sae.core.store.CacheError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_result(res))

@@ -1,15 +1,15 @@
 """Benchmark of the sparse kernels against the baselines, side by side in one process, correctness-gated.
 
-    python -m sae.kernels.bench                         # the kernels.md grid on a GPU (new sizes start within 7 min)
-    python -m sae.kernels.bench --d 768 --ratio 32 --k 32
-    python -m sae.kernels.bench --smoke                 # tiny CPU run of the torch paths (CI)
+    python -m sae.core.kernels.bench                         # the kernels.md grid on a GPU (new sizes start within 7 min)
+    python -m sae.core.kernels.bench --d 768 --ratio 32 --k 32
+    python -m sae.core.kernels.bench --smoke                 # tiny CPU run of the torch paths (CI)
 
 Per size (B tokens, d = d_in, n = ratio * d latents, k active), with fp32 master weights, bf16 autocast
 and fused Adam for every variant:
     naive     dense eager: GEMM, bias, ReLU, top-k, scatter into B x n zeros, dense decode GEMM
     compiled  the same under torch.compile (at --compile sizes: compiling costs ~1 min per size)
     ebag      dense encoder + top-k, F.embedding_bag decoder (sparsify's decoder, autograd backward)
-    ours      sae.kernels: fused GEMM+top-k encoder, sparse decode, sorted one-pass backward
+    ours      sae.core.kernels: fused GEMM+top-k encoder, sparse decode, sorted one-pass backward
     binding   ours with a 2-slot binding decoder at the same latent count (n/2 atoms, one d x d map)
     floor     encoder GEMM alone (cuBLAS, bf16) + Adam alone: what no sparse step can beat
 Phases: encoder forward, decoder forward, forward+backward, Adam, full step (ms); the encoder's
@@ -33,8 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .dispatch import auxk_reconstruct, backend, binding_decode, sparse_decode, topk_encode
+from sae.core.kernels import reference
+from sae.core.kernels.dispatch import auxk_reconstruct, backend, binding_decode, sparse_decode, topk_encode
 
 GRID_D = (768, 2048, 4096)
 GRID_RATIO = (16, 32)
@@ -302,8 +302,8 @@ def sparse_kernel_rates(s, device, rep_ms):
     db_enc) through the kernels, on compulsory bytes; plus the pair sort."""
     if backend(s.W_dec) != "triton":
         return {}
-    from .pairs import CACHE
-    from .triton_decode import gather_sum, segment_pass
+    from sae.core.kernels.pairs import CACHE
+    from sae.core.kernels.triton_decode import gather_sum, segment_pass
 
     with torch.no_grad(), autocast(device):
         values, indices = topk_encode(s.x(), s.W_enc, s.b_enc, s.k, s.b_dec)
@@ -567,7 +567,7 @@ def main(argv=None):
 
     versions = {p: md.version(p) for p in ("torch", "triton", "numpy") if _installed(p)}
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"sae.kernels bench  {datetime.datetime.now().isoformat(timespec='seconds')}  device: {dev_name}  "
+    print(f"sae.core.kernels bench  {datetime.datetime.now().isoformat(timespec='seconds')}  device: {dev_name}  "
           f"python {platform.python_version()}  " + " ".join(f"{k}={v}" for k, v in versions.items()))
     print(f"backend for ours: {backend(torch.empty(0, device=device))}")
     peak = copy_bandwidth(device)

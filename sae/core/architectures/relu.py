@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import SAE, Code, SAEConfig
-from .config import OptionError, option
+from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.config import OptionError, option
 
 
 @dataclass

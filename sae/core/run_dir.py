@@ -5,13 +5,13 @@
       log.jsonl       one JSON line per log step
       checkpoints/    step_000000500/ (tensors.safetensors + trainer.json), the last few kept
       metrics.json    end-of-run metrics
-      sae/            the trained dictionary (sae.io layout)
+      sae/            the trained dictionary (sae.core.io layout)
       phases/         the binding recipe's phases, each a run folder of its own
 
 A folder is accepted as a run folder when it is new, empty, or an earlier run (its config.json is a
 run record, or it holds only a recipe's phases); anything else, such as `--run-dir .` in a source
 tree, is refused before anything is written. While a process trains in it the folder is locked
-(sae.files.DirLock), so a second process is refused at once and a killed one never blocks resume.
+(sae.core.files.DirLock), so a second process is refused at once and a killed one never blocks resume.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import files, io
-from .config import OptionError
+from sae.core import files, io
+from sae.core.config import OptionError
 
 # Options that may differ between a run and its resumption: they do not change the numbers.
 RESUMABLE_DIFFERENCES = {"resume", "run_dir", "checkpoint_every", "keep_checkpoints", "log_every",

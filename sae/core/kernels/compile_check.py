@@ -1,7 +1,7 @@
 """Compile every Triton kernel for an H100 (sm_90) without a GPU, and report registers and spills.
 
-    python -m sae.kernels.compile_check            # all kernels at the benchmark's sizes
-    python -m sae.kernels.compile_check --quick    # one configuration per kernel
+    python -m sae.core.kernels.compile_check            # all kernels at the benchmark's sizes
+    python -m sae.core.kernels.compile_check --quick    # one configuration per kernel
 
 The interpreter runs kernels as NumPy and so never meets the GPU compiler: a kernel can pass every
 interpreter test and still fail to compile (a global that is not a constexpr, an unsupported type
@@ -24,8 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import triton_decode as dec  # noqa: E402
-from . import triton_encode as enc  # noqa: E402
+from sae.core.kernels import triton_decode as dec  # noqa: E402
+from sae.core.kernels import triton_encode as enc  # noqa: E402
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

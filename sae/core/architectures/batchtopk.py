@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import kernels
-from .base import Code
-from .config import OptionError, option
-from .topk import TopKConfig, TopKFamily
+from sae.core import kernels
+from sae.core.architectures.base import Code
+from sae.core.config import OptionError, option
+from sae.core.architectures.topk import TopKConfig, TopKFamily
 
 
 @dataclass

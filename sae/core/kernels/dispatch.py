@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from . import reference, selfcheck
+from sae.core.kernels import reference, selfcheck
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT32_LIMIT = 2**31  # kernels use 32-bit offsets into weight matrices
@@ -53,10 +53,10 @@ if os.environ.get("SAE_KERNELS") == "triton" and not torch.cuda.is_available():
 
 
 def _triton(device):
-    """Import the Triton-path modules lazily (importing sae.kernels must not need triton)."""
-    if device.type != "cuda" and "sae.kernels.triton_decode" not in sys.modules:
+    """Import the Triton-path modules lazily (importing sae.core.kernels must not need triton)."""
+    if device.type != "cuda" and "sae.core.kernels.triton_decode" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from . import triton_decode, triton_encode
+    from sae.core.kernels import triton_decode, triton_encode
 
     if device.type != "cuda":
         import triton.language as tl
