@@ -18,11 +18,15 @@ import time
 import typing
 from pathlib import Path
 
+import torch
+
 import sae
 from sae.core.architectures.base import SAE
-from sae.core.config import OptionError
+from sae.core.config import HelpFormatter, OptionError, add_option, add_options, from_args
 from sae.core.files import describe_os_error
+from sae.core.store import make_store
 from sae.core.trainer import TrainingStopped
+from sae.lm.cache import CacheConfig, write_cache
 
 DEFAULT_CACHE = Path("cache") / "scenes"
 
@@ -30,33 +34,6 @@ DEFAULT_CACHE = Path("cache") / "scenes"
 # small gain nothing from intra-op threads and stall when a core is busy (measured on a loaded
 # 2-core machine: 154 ms per step with 2 threads, 8 ms with 1).
 DEFAULT_JOB = dict(arch="topk", expansion_factor=8, k=8, steps=2000, batch_size=512, lr=1e-3, threads=1)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except for architecture options whose default depends on --arch."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def add_dataclass_options(parser, cls, defaults: dict | None = None, skip=()):
-    """One --option per field of `cls`, typed from its annotation, help from its metadata."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = hints[f.name]
-        default = (defaults or {}).get(f.name, f.default)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0],
-                                default=f.default_factory() if default is dataclasses.MISSING else default,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def model_option_table() -> dict[str, dict[str, object]]:
@@ -90,17 +67,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     for name, defaults in model_option_table().items():
         kind, help_text = hints[name]
         shown = ", ".join(f"{a}={'[]' if d is dataclasses.MISSING else d}" for a, d in defaults.items())
-        flag = "--" + name.replace("_", "-")
         job_default = DEFAULT_JOB.get(name)
         text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
-        if kind is bool:
-            arch.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(kind) is list:
-            arch.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=None, help=text)
-        else:
-            arch.add_argument(flag, type=kind, default=None, help=text)
+        add_option(arch, name, kind, None, text)  # None: the architecture's own default
     training = parser.add_argument_group("training (sae.TrainConfig)")
-    add_dataclass_options(training, sae.TrainConfig, defaults=DEFAULT_JOB)
+    add_options(training, sae.TrainConfig, defaults=DEFAULT_JOB)
     return parser
 
 
@@ -110,10 +81,8 @@ def add_threads_option(parser):
 
 
 def set_threads(n: int):
-    import torch
-
     if n < 0:
-        raise ValueError(f"threads must be >= 0, got {n}")
+        raise OptionError("threads", f"must be >= 0, got {n}")
     if n:
         torch.set_num_threads(n)
 
@@ -141,8 +110,6 @@ def build_sae(args, d_in: int) -> SAE:
 
 
 def ensure_default_cache() -> Path:
-    from sae.lm.cache import CacheConfig, write_cache
-
     cfg = CacheConfig(out=str(DEFAULT_CACHE))
     if not (DEFAULT_CACHE / "manifest.json").exists():
         print(f"caching the built-in model's residual stream to {DEFAULT_CACHE} ...")
@@ -153,12 +120,10 @@ def run_training(argv) -> int:
     args = build_train_parser().parse_args(argv)
     set_threads(args.threads)
     data = Path(args.data) if args.data else ensure_default_cache()
-    from sae.core.store import make_store
-
     # Read the manifest once for d_in and names (full checksums are verified by the trainer's reader).
     probe = make_store(str(data), batch_size=1, hook=args.hook or None, verify=False)
     info = {"d_in": probe.d_in, "hook": probe.hook}
-    torch_seed(args.seed)
+    torch.manual_seed(args.seed)  # the SAE's initialisation is part of the run
     model = build_sae(args, info["d_in"])
     train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig)}
     if not train_options["run_dir"]:
@@ -173,12 +138,6 @@ def run_training(argv) -> int:
     return 0
 
 
-def torch_seed(seed: int):
-    import torch
-
-    torch.manual_seed(seed)  # the SAE's initialisation is part of the run
-
-
 def print_metrics(metrics: dict):
     keys = ["fvu", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "l1", "dead_share", "dense_share"]
     width = max(map(len, keys))
@@ -189,15 +148,13 @@ def print_metrics(metrics: dict):
 
 
 def run_cache(argv) -> int:
-    from sae.lm.cache import CacheConfig, write_cache
-
     parser = argparse.ArgumentParser(prog="train.py cache", description="Write an activation cache.",
                                      formatter_class=HelpFormatter)
-    add_dataclass_options(parser, CacheConfig)
+    add_options(parser, CacheConfig)
     add_threads_option(parser)
-    args = vars(parser.parse_args(argv))
-    set_threads(args.pop("threads"))
-    path = write_cache(CacheConfig(**args))
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    path = write_cache(from_args(CacheConfig, args))
     print(f"cache written to {path}")
     return 0
 

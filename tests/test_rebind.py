@@ -1,5 +1,5 @@
 """sae.train's binding recipe (sae/rebind.py): it recovers a superposed world's D and M with a fixed
-seed, reports its truth-free verdicts, resumes by phase, and `b_dec_init="keep"` continues a
+seed, reports its truth-free verdicts, resumes by phase, and `start="continue"` continues a
 trained dictionary unchanged."""
 import pytest
 import torch
@@ -70,7 +70,7 @@ def test_keep_continues_a_trained_dictionary_unchanged():
     sae.train(model, x, steps=30, batch_size=128, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # one step with a negligible learning rate: weights come back as they were
-    sae.train(model, x, steps=1, batch_size=128, lr=1e-12, seed=1, b_dec_init="keep")
+    sae.train(model, x, steps=1, batch_size=128, lr=1e-12, seed=1, start="continue")
     for name, value in model.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(value, before[name], rtol=1e-5, atol=1e-6), name

@@ -158,7 +158,7 @@ def test_restriction_survives_reset_hooks(model):
 
 
 def test_shipped_model_reaches_recorded_accuracy(model, meta):
-    from sae.lm.scenes_model import evaluate
+    from sae.lm.scenes_model import task_accuracy as evaluate
 
     rec = meta["accuracy"]
     test = evaluate(model, scenes.sample_batch(300, seed=777, split="test"))
@@ -174,14 +174,16 @@ def test_bottleneck_holds(model):
     mean-ablated bottleneck leaves the queries near chance."""
     import random
 
-    from sae.lm.scenes_model import BOTTLENECK_HOOK, _patch_sep, bottleneck_residual, evaluate, query_logits, recolour
+    from sae.eval.train_scenes_model import recolour
+    from sae.lm.scenes_model import BOTTLENECK_HOOK, bottleneck_residual, patch_sep, query_logits
+    from sae.lm.scenes_model import task_accuracy as evaluate
 
     base = scenes.sample_scenes(200, seed=8, split="test")
     rng = random.Random(0)
     edited = [recolour(s, rng) for s in base]
     A, B = scenes.encode_scenes(base), scenes.encode_scenes(edited)
     with torch.no_grad():
-        patched = query_logits(model, A, [(BOTTLENECK_HOOK, _patch_sep(bottleneck_residual(model, B.tokens)))])
+        patched = query_logits(model, A, [(BOTTLENECK_HOOK, patch_sep(bottleneck_residual(model, B.tokens)))])
         hybrid = A.tokens.clone()
         hybrid[:, : SEP_POS + 1] = B.tokens[:, : SEP_POS + 1]
         A_on_B_scene = scenes.SceneBatch(hybrid, A.answer_pos, A.answers, A.kinds, A.slots, B.attributes, B.n_objects)
@@ -195,7 +197,7 @@ def test_bottleneck_holds(model):
 
         clean = evaluate(model, A)["accuracy"]
         mean = bottleneck_residual(model, scenes.generate_tokens(500, seed=9)).mean(0, keepdim=True)
-        ablated = evaluate(model, A, [(BOTTLENECK_HOOK, _patch_sep(mean.expand(len(A), -1)))])["accuracy"]
+        ablated = evaluate(model, A, [(BOTTLENECK_HOOK, patch_sep(mean.expand(len(A), -1)))])["accuracy"]
     assert clean > 0.9 and ablated < 0.35  # chance (best scene-blind guess) is about 0.19
 
 
@@ -203,7 +205,8 @@ def test_probe_reads_bindings_from_the_bottleneck(model):
     """Each attribute of the first two objects is decodable from the one bottleneck vector by an
     MLP probe (a linear probe reads only some of them: see probes in the JSON), and not from a
     query position at the same layer, which cannot see the scene."""
-    from sae.lm.scenes_model import BOTTLENECK_HOOK, _probe_accuracy
+    from sae.eval.probes import probe_accuracy as _probe_accuracy
+    from sae.lm.scenes_model import BOTTLENECK_HOOK
 
     def residual(batch, pos):
         with torch.no_grad():

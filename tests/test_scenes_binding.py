@@ -11,6 +11,7 @@ import torch
 import sae
 from sae.lm import scenes
 from sae.eval import scenes_binding as sb
+from sae.eval.probes import fit_scene_probes
 from sae.lm.scenes_model import BOTTLENECK_HOOK, load_scenes_model
 
 D = sb.D_MODEL
@@ -115,7 +116,7 @@ def test_a_bag_code_cannot_answer_both_scenes(model, train_x):
 def test_residual_probe_reads_object_0_colour(model, train_x):
     train = scenes.sample_batch(2048, 7, "train")  # the rows of train_x
     test = scenes.sample_batch(300, 8, "test")
-    fn = sb.fit_probes(train_x, train.attributes, steps=300)
+    fn = fit_scene_probes(train_x, train.attributes, steps=300)
     pred = fn(sb.sep_residuals(model, test.tokens))
     colour = scenes.ATTRIBUTES.index("colour")
     assert (pred[:, 0, colour] == test.attributes[:, 0, colour]).float().mean() > 0.9

@@ -12,6 +12,7 @@ import torch
 
 import sae
 from sae.lm import models
+from sae.eval import splice as splice_cli
 from sae.lm import splice
 
 D = 16
@@ -151,11 +152,11 @@ def test_width_mismatch_and_bad_hook(model, batches):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert splice.main([str(tmp_path / "missing")]) == 2
+    assert splice_cli.main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     sae.TopKSAE(D, 8, k=2).save(tmp_path / "dict")  # no metadata: the model must be named
-    assert splice.main([str(tmp_path / "dict"), "--out", str(tmp_path / "o.json")]) == 2
+    assert splice_cli.main([str(tmp_path / "dict"), "--out", str(tmp_path / "o.json")]) == 2
     assert "--model" in capsys.readouterr().err and not (tmp_path / "o.json").exists()
 
 

@@ -2,10 +2,8 @@
 caches. Caches are written from tensors (sae.lm.cache.write_tensors): no model needed."""
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from sae.core.metrics import fvu
 from sae.eval import binding_metrics as bm
 from sae.eval.worlds import WorldConfig, make_world
 
@@ -206,8 +207,8 @@ def test_binding_latents_follow_the_binding_layout():
 
 def test_reconstruction_metrics():
     x = torch.randn(100, 8)
-    assert bm.fvu(x, x) == 0.0
-    assert bm.fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
+    assert fvu(x, x) == 0.0
+    assert fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
     codes = torch.zeros(10, 5)
     codes[:, 0] = 1.0
     codes[::2, 1] = 2.0

@@ -1,11 +1,16 @@
-"""Configuration helpers shared by every config dataclass and command line.
+"""Configuration: every option is a dataclass field, and every command line is built from them.
 
-`option(default, help)` declares a config field with its --help text. `OptionError` is how a
-config says a value is wrong: it names the field, and the command line shows the flag the user
-typed instead (`--n-sequences`, not `n_sequences`).
+`option(default, help)` declares a config field with its --help text; `add_options` turns a
+config dataclass into argparse options (the one builder every CLI uses) and `from_args` builds the
+config back from the parsed arguments. `OptionError` is how a config says a value is wrong: it
+names the field, and the command line shows the flag the user typed instead (`--n-sequences`,
+not `n_sequences`).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import typing
 from dataclasses import field
 
 
@@ -36,3 +41,45 @@ class OptionError(ValueError):
 
     def cli_message(self) -> str:
         return f"{self.flag} {self._render(flag)}"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the default is None (an option whose default depends on others)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_options(parser, cls, defaults: dict | None = None, skip=()) -> None:
+    """One --flag per field of the dataclass `cls`: typed from its annotation, help from its
+    metadata, default from `defaults` or the field. Booleans take --flag / --no-flag (a value such
+    as "False" would otherwise parse as True); list fields take several values."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in skip and f.init:
+            add_option(parser, f.name, hints[f.name], (defaults or {}).get(f.name, _field_default(f)),
+                       f.metadata.get("help", ""))
+
+
+def add_option(parser, name: str, kind, default, help_text: str) -> None:
+    """One --flag for a field `name` of type `kind` (see add_options)."""
+    if kind is bool:
+        parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+    elif typing.get_origin(kind) is list:
+        parser.add_argument(flag(name), nargs="+", type=typing.get_args(kind)[0], default=default, help=help_text)
+    else:
+        parser.add_argument(flag(name), type=kind, default=default, help=help_text)
+
+
+def from_args(cls, args: argparse.Namespace, **overrides):
+    """The config `cls` from parsed arguments (fields add_options made), with `overrides`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from safetensors.torch import save_file
+
 
 class OutputError(ValueError):
     """A target that cannot or must not be written: one line saying what and where."""
@@ -102,10 +104,14 @@ def write_json(path, obj, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def save_safetensors(path, tensors: dict) -> Path:
-    from safetensors.torch import save_file  # noqa: PLC0415 (keeps this module free of torch)
+def write_result(path, obj) -> Path:
+    """An evaluation's JSON result: its folder made if needed, then written atomically."""
+    make_dirs(Path(path).parent)
+    return write_json(path, obj, indent=1)
 
-    return write_file(path, lambda tmp: save_file(tensors, str(tmp)))
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ---- output folders -----------------------------------------------------------------------------

@@ -21,7 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae.core import files
-from sae.core.architectures.base import SAE
+from typing import TYPE_CHECKING
+
+from sae.core.architectures.registry import ARCHITECTURES
+
+if TYPE_CHECKING:  # annotations only: the base class imports this module for SAE.save
+    from sae.core.architectures.base import SAE
 
 FORMAT_VERSION = 1
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -98,7 +103,7 @@ def is_dictionary(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     ours = isinstance(cfg, dict) and isinstance(cfg.get("sae"), dict)
-    extra = {cls.extra_weights_file for cls in SAE.registry.values() if cls.extra_weights_file}
+    extra = {cls.extra_weights_file for cls in ARCHITECTURES.values() if cls.extra_weights_file}
     return ours and files.only_files(path, {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, *extra})
 
 
@@ -135,11 +140,11 @@ def _from_our_cfg(path: Path, block: dict) -> SAE:
         raise LoadError(f"{path / CFG_FILE}: format_version {block['format_version']} is newer than "
                         f"this library reads ({FORMAT_VERSION}); upgrade sae")
     arch = block.get("architecture")
-    if arch not in SAE.registry:
-        raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; known: {', '.join(sorted(SAE.registry))}")
+    if arch not in ARCHITECTURES:
+        raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     options = dict(block.get("config", {}))
     try:
-        return SAE.registry[arch](**options)
+        return ARCHITECTURES[arch](**options)
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path / CFG_FILE}: invalid config for {arch}: {e}") from None
 
@@ -158,7 +163,7 @@ def _from_saelens_cfg(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[
         raise LoadError(f"{path / CFG_FILE}: needs integer d_in and d_sae") from None
     ours = FROM_SAELENS[arch]
     options = {"k": int(cfg.get("k", 100))} if ours in ("topk", "batchtopk") else {}
-    model = SAE.registry[ours](d_in, n, **options)
+    model = ARCHITECTURES[ours](d_in, n, **options)
     state = dict(state)
     if "W_enc" not in state or "W_dec" not in state or "b_enc" not in state or "b_dec" not in state:
         return model, state  # the caller reports the missing tensors

@@ -74,12 +74,18 @@ class RunningStats:
         }
 
 
+@torch.no_grad()
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained of one batch: squared error over variance about the mean
+    (RunningStats gives the same over many batches, in float64)."""
+    err = (x - x_hat).float().pow(2).sum()
+    var = (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+    return (err / var).item()
+
+
 def batch_metrics(x: Tensor, x_hat: Tensor, l0: Tensor) -> dict[str, float]:
     """Cheap per-step numbers for the progress bar: FVU of this batch and mean L0."""
-    with torch.no_grad():
-        err = (x - x_hat).float().pow(2).sum()
-        var = (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
-        return {"fvu": (err / var).item(), "l0": float(l0)}
+    return {"fvu": fvu(x, x_hat), "l0": float(l0)}
 
 
 def density_histogram(log_density: Tensor, bins: int = 20, low: float = -10.0, high: float = 0.0) -> dict:

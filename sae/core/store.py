@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 FORMAT = "sae-activation-cache"
 VERSION = 1
@@ -119,8 +120,7 @@ class Cache:
         self.starts = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)  # global row of each shard
         shards = enumerate(m["shards"])
         if verify and sum(f.stat().st_size for f in self.files if f.is_file()) > 1 << 30:
-            from tqdm import tqdm  # hashing a big cache takes a while: show it
-
+        
             shards = tqdm(shards, total=len(self.files), desc=f"verify {self.path.name}", unit="shard")
         self.headers = [self._check_shard(i, s, verify) for i, s in shards]
         self._fds = {}
@@ -182,12 +182,6 @@ class Cache:
             if a < b:
                 self.read_into(out[a - start: b - start], name, i, a - self.starts[i], b - self.starts[i])
         return out
-
-    def locate(self, rows) -> list[tuple[str, int]]:
-        """(shard file name, row in shard) of global rows, for error messages."""
-        rows = np.asarray(rows, dtype=np.int64)
-        idx = np.searchsorted(self.starts, rows, side="right") - 1
-        return [(self.files[i].name, int(r - self.starts[i])) for i, r in zip(idx, rows)]
 
     def close(self):
         for fd in self._fds.values():
@@ -269,10 +263,6 @@ class _Store:
             need -= take
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return x.to(self.device)
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def _identity(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "n_rows": self.n_rows}

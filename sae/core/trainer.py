@@ -29,6 +29,7 @@ from sae.core.architectures.base import SAE
 from sae.core.config import OptionError, option
 from sae.core.metrics import batch_metrics, evaluate
 from sae.core.run_dir import RunDir, describe_data
+from sae.core.store import make_store
 
 L0_TOLERANCE = 0.2  # relative: a final L0 further than this from target_l0 is reported as missed
 # Shrinkage (metrics.py) above this means the penalty, not the data, sets the code sizes. Calibrated
@@ -50,8 +51,9 @@ class TrainConfig:
     target_l0: float = option(0.0, "ReLU/JumpReLU: steer the sparsity coefficient to reach this L0 (0 = off)")
     l0_gain: float = option(0.01, "gain of the L0 controller (log-coefficient change per step per log-L0 error)")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)")
-    b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean, zeros, or keep "
-                             "(continue a trained dictionary: its weights and b_dec as they are)")
+    b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean or zeros")
+    start: str = option("fresh", "fresh (b_dec and the activation scale from the data) or continue (train the "
+                        "dictionary further: its weights and b_dec as they are, at the scale it was trained at)")
     binding_recipe: str = option("rebind", "binding SAEs: rebind (bind, split, match, rebind: sae/rebind.py) or plain")
     scale_activations: bool = option(True, "train on x scaled to E||x|| = sqrt(d_in); folded into the weights on save")
     init_batches: int = option(4, "batches used to estimate the activation scale and b_dec")
@@ -94,7 +96,8 @@ class TrainConfig:
         for name in ("l0_gain", "splice_sequences"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
-        choices = {"b_dec_init": ("geometric_median", "mean", "zeros", "keep"), "binding_recipe": ("rebind", "plain"),
+        choices = {"b_dec_init": ("geometric_median", "mean", "zeros"), "start": ("fresh", "continue"),
+                   "binding_recipe": ("rebind", "plain"),
                    "device": ("auto", "cpu", "cuda"),
                    "autocast": ("auto", "none", "bfloat16")}
         for name, allowed in choices.items():
@@ -176,8 +179,6 @@ def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None
     if cfg.target_l0 > 0 and not has_penalty(model):
         raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
     device = pick_device(cfg.device)
-
-    from sae.core.store import make_store  # noqa: PLC0415 (the store imports safetensors readers lazily too)
 
     store = make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=cfg.hook or None)
     if store.d_in != model.d_in:
@@ -433,7 +434,7 @@ def initialise(model: SAE, store, cfg: TrainConfig, device) -> float:
     scale = math.sqrt(model.d_in) / x.norm(dim=1).mean().item() if cfg.scale_activations else 1.0
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("cannot scale activations: the first batches have zero norm")
-    if cfg.b_dec_init == "keep":  # trained weights work on raw x: bring them into training units
+    if cfg.start == "continue":  # trained weights work on raw x: bring them into training units
         if model.cfg.normalize_decoder:  # rows were unit-norm at the scale it was trained at: reuse it
             scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
         model.fold_activation_scale_(1 / scale)

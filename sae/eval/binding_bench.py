@@ -38,6 +38,8 @@ from dataclasses import asdict, replace
 import torch
 
 import sae
+from sae.core.files import write_result
+from sae.core.metrics import fvu
 from sae.eval import binding_metrics as bm
 from sae.eval.echo import find_echoes
 from sae.eval.worlds import WorldConfig, make_world
@@ -107,7 +109,7 @@ def score(model, world, seed: int, n_test: int = N_TEST) -> dict:
     else:
         latent, _ = bm.match_latents(W, world.slot_atoms)
     acc = bm.binding_accuracy(codes, test.coefs, latent)
-    out = {"fvu": bm.fvu(test.x, model.decode(codes)), "l0": bm.l0(codes), "dead": bm.dead_fraction(codes),
+    out = {"fvu": fvu(test.x, model.decode(codes)), "l0": bm.l0(codes), "dead": bm.dead_fraction(codes),
            "eff_mmcs": bm.effective_mmcs(W, world.slot_atoms), "slot_acc": acc.slot, "exact": acc.exact,
            "swap": bm.swap_discrimination(ca, cb, sa.coefs, sb.coefs, latent)}
     held = world.held_out
@@ -176,10 +178,7 @@ def write_report(args, argv, worlds, records) -> dict:
               "config": vars(args), "torch": torch.__version__,
               "worlds": {w: {"k": WORLDS[w][1], **asdict(replace(WorldConfig(), **WORLDS[w][0]))} for w in worlds},
               "summary": summary, "runs": records}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, args.out)
+    write_result(args.out, report)
     return summary
 
 

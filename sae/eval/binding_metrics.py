@@ -181,11 +181,6 @@ def map_nontriviality(D_hat: torch.Tensor, M_hat: torch.Tensor) -> float:
 
 
 # -- reconstruction -------------------------------------------------------------------------------
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Fraction of variance unexplained."""
-    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-
-
 def l0(codes: torch.Tensor) -> float:
     return float((codes != 0).float().sum(1).mean())
 

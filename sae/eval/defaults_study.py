@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 import sae
 from sae.core.files import write_json
 from sae.core.io import read_json
+from sae.core.metrics import evaluate
+from sae.eval.worlds import WorldConfig, make_world
 
 OLD_L1_COEFF = 5.0  # ReLU's default before this study: collapses reconstruction at d=32, L0=4
 # ReLU at its default stayed within this factor of the best TopK/BatchTopK FVU on every grid cell.
@@ -99,8 +101,6 @@ def planted(cell: Cell, n: int, seed: int, noise: float = 0.05) -> torch.Tensor:
 
 def issue_world(cell: Cell, n: int, seed: int) -> torch.Tensor:
     """The issue's world: worlds.py with d=32, 4 families of 32 atoms (one active per family)."""
-    from sae.eval.worlds import WorldConfig, make_world  # noqa: PLC0415
-
     families = (cell.atoms_per_dim * cell.d // cell.l0,) * cell.l0
     world = make_world(WorldConfig(d=cell.d, families=families, n_slots=1, held_out_frac=0.0, seed=cell.seed))
     return world.sample(n, seed=seed).x
@@ -113,19 +113,10 @@ def make_data(cell: Cell, n_test: int = 8192) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def held_out_metrics(model: sae.SAE, x: torch.Tensor) -> dict:
-    """FVU and L0 on unseen samples, and the reconstruction bias gamma = argmin ||x - b - g(x_hat - b)||:
-    gamma > 1 means codes are shrunk (an L1 at work), whatever the architecture."""
-    model.eval()
-    err = l0 = cross = norm = 0.0
-    for chunk in x.split(1024):
-        codes = model.encode(chunk)
-        x_hat = model.decode(codes).double()
-        err += (x_hat - chunk).pow(2).sum().item()
-        centred, hat = chunk.double() - model.b_dec.double(), x_hat - model.b_dec.double()
-        cross, norm = cross + (centred * hat).sum().item(), norm + hat.pow(2).sum().item()
-        l0 += (codes > 0).sum().item()
-    var = (x.double() - x.double().mean(0)).pow(2).sum().item()
-    return {"fvu": err / var, "l0": l0 / x.shape[0], "gamma": cross / norm if norm > 0 else math.nan}
+    """FVU and L0 on unseen samples, and the reconstruction bias gamma (the metrics' `shrinkage`:
+    the best single rescale of x_hat - b_dec onto x - b_dec; > 1 means codes are shrunk)."""
+    metrics, _ = evaluate(model, x.split(1024))
+    return {"fvu": metrics["fvu"], "l0": metrics["l0"], "gamma": metrics["shrinkage"]}
 
 
 def run_one(cell: Cell, arch: str, data, *, model_options: dict | None = None, train_options: dict | None = None,

@@ -53,13 +53,18 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sae.core import files
+from sae.core import io as sae_io
+from sae.core.io import LoadError, read_safetensors
+from sae.core.store import CacheError, open_cache
+from sae.lm import scenes
 
 
 @dataclass
@@ -175,8 +180,6 @@ def read_run(path: Path) -> Run:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             run.metrics_note = f"metrics.json is not valid JSON ({e})"
 
-    from sae.core import io as sae_io  # noqa: PLC0415
-
     if not (path / "sae").is_dir():
         run.model_note = "no sae/ dictionary (the run has not finished)"
     else:
@@ -224,8 +227,6 @@ def read_legend(path: Path, n_groups: int) -> tuple[list[dict], list[str]]:
 
 
 def labels_from_file(cfg: ReportConfig, run: Run) -> Labels:
-    from sae.core.io import LoadError, read_safetensors  # noqa: PLC0415
-
     path = Path(cfg.labels)
     try:
         tensors = read_safetensors(path)
@@ -261,8 +262,6 @@ def labels_from_file(cfg: ReportConfig, run: Run) -> Labels:
 
 
 def open_run_cache(run: Run):
-    from sae.core.store import CacheError, open_cache  # noqa: PLC0415
-
     try:
         return open_cache(run.config["data"]["cache"], verify=False)
     except CacheError as e:
@@ -276,8 +275,6 @@ def run_hook(run: Run, cache) -> str:
 
 def regenerate_scenes(source: dict, n: int):
     """The first n scenes of a scenes cache's source (generation is sequential, so a prefix suffices)."""
-    from sae.lm import scenes  # noqa: PLC0415
-
     if n > int(source["n_sequences"]):
         raise ReportError(f"cache rows name sequence {n - 1}, the source has {source['n_sequences']}")
     return scenes.sample_batch(n, int(source["seed"]), source["split"])
@@ -294,8 +291,6 @@ def check_scene_tokens(batch, seq_index: torch.Tensor, position: torch.Tensor, t
 
 def scene_labels(batch, seq_index: torch.Tensor) -> tuple[torch.Tensor, list[dict], list[str]]:
     """(object, attribute) labels of the scenes `seq_index` of `batch`: one group per (object, family)."""
-    from sae.lm import scenes  # noqa: PLC0415
-
     labels = batch.attributes[seq_index.long()].reshape(len(seq_index), -1)  # -1 where there is no object
     groups = [{"slot": j, "family": a, "values": list(scenes.FAMILIES[a])}
               for j in range(scenes.MAX_OBJECTS) for a in scenes.ATTRIBUTES]
@@ -306,8 +301,6 @@ def labels_from_scenes_cache(cfg: ReportConfig, run: Run) -> Labels | str:
     """Labels for a run trained on a scenes cache, or a note saying why there are none."""
     if "cache" not in run.config.get("data", {}):
         return "the run was trained on an in-memory tensor; pass --labels to draw this heatmap"
-    from sae.lm import scenes  # noqa: PLC0415
-
     try:
         cache = open_run_cache(run)
     except ReportError as e:  # moved or deleted since training: the rest of the report still stands
@@ -359,14 +352,12 @@ def world_labels(world, samples) -> tuple[torch.Tensor, dict]:
 
 def write_labels(path, labels: torch.Tensor, legend: dict, x: torch.Tensor | None = None) -> Path:
     """Write a labels file (and its legend beside it, same name with .json) for --labels."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     path = Path(path)
     tensors = {"labels": labels.long().contiguous()}
     if x is not None:
         tensors["x"] = x.float().contiguous()
-    save_file(tensors, str(path))
-    path.with_suffix(".json").write_text(json.dumps(legend, indent=1) + "\n")
+    files.save_safetensors(path, tensors)
+    files.write_json(path.with_suffix(".json"), legend, indent=1)
     return path
 
 
@@ -840,16 +831,6 @@ def render_html(run: Run, sections: list[Section]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def make_report(cfg: ReportConfig) -> Path:
     """Build every section in memory, then write the page in one atomic step."""
     if cfg.max_rows <= 0 or cfg.batch_size <= 0:
@@ -860,9 +841,10 @@ def make_report(cfg: ReportConfig) -> Path:
                 transforms_section(run), heatmap_section(run, labels, cfg)]
     out = Path(cfg.out) if cfg.out else run.path / "report.html"
     try:
-        write_atomic(out, render_html(run, sections))
-    except OSError as e:
-        raise ReportError(f"{out}: cannot write the report ({e.strerror or e})") from None
+        files.make_dirs(out.parent)
+        files.write_text(out, render_html(run, sections))
+    except files.OutputError as e:
+        raise ReportError(str(e)) from None
     return out
 
 

@@ -31,12 +31,15 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from sae.core.config import option
+from sae.core.config import HelpFormatter, add_options, from_args, option
+from sae.core.files import write_result
+from sae.lm.splice import load_for_eval, make_batches, resolve_sae_dir, splice_eval
 
 PRECISION = 10  # SAEBench rounds per-latent values to 10 digits (DEFAULT_FLOAT_PRECISION)
 
@@ -126,8 +129,6 @@ def _git_commit() -> str:
 
 
 def _sae_lens_version():
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("sae_lens")
     except PackageNotFoundError:
@@ -137,8 +138,6 @@ def _sae_lens_version():
 def core_eval(model, sae, hook: str, batches, *, model_name: str, dataset: str, sae_cfg_dict: dict | None = None,
               sae_id: str = "", release: str = "local", scale: float = 1.0, progress: bool = False) -> dict:
     """The SAEBench core-eval output object (a dict, ready for json.dump) for `sae` at `hook`."""
-    from sae.lm.splice import splice_eval
-
     rows = _Rows(sae.n_total)
     sp = splice_eval(model, sae, hook, batches, scale=scale, on_rows=rows, progress=progress)
     rec, n = sp["reconstruction"], rows.n
@@ -222,15 +221,12 @@ def result_path(out_dir: str | Path, release: str, sae_id: str) -> Path:
 
 
 def main(argv=None) -> int:
-    from sae.lm.splice import load_for_eval, make_batches, resolve_sae_dir, write_json
-
     p = argparse.ArgumentParser(prog="python -m sae.eval.saebench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
-    for f in fields(CoreConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_options(p, CoreConfig)
     args = p.parse_args(argv)
-    cfg = CoreConfig(**{k: getattr(args, k) for k in asdict(CoreConfig())})
+    cfg = from_args(CoreConfig, args)
     try:
         if cfg.n_sequences <= 0 or cfg.batch_size <= 0:
             raise ValueError("--n-sequences and --batch-size must be positive")
@@ -238,7 +234,7 @@ def main(argv=None) -> int:
         sae, model, model_id, hook, sae_cfg = load_for_eval(args.path, cfg.model, cfg.hook, cfg.device)
         sae_cfg.setdefault("metadata", {}).update(model_name=model_id, hook_name=hook)
         batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
-        source = cfg.source or ("generator" if model_id == "scenes" else "eval/data/english.txt")
+        source = cfg.source or ("generator" if model_id == "scenes" else "sae/lm/data/english.txt")
         dataset = (f"sae.lm.scenes.generate_tokens(split={cfg.split}, seed={cfg.seed})" if source == "generator" else source)
         sae_id = cfg.sae_id or (sae_dir.parent.name if sae_dir.name == "sae" else sae_dir.name)
         res = core_eval(model, sae, hook, batches, model_name=model_id, dataset=f"{dataset}, {cfg.n_sequences} sequences",
@@ -247,7 +243,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = result_path(cfg.out_dir, cfg.release, sae_id)
-    write_json(out, res)
+    write_result(out, res)
     m = res["eval_result_metrics"]
     print(json.dumps({k: m[k] for k in ("model_performance_preservation", "model_behavior_preservation",
                                          "reconstruction_quality", "sparsity")}, indent=1))

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -70,11 +69,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from sae.lm import scenes
-from sae.lm.scenes import ATTRIBUTES, COLOURS, FAMILIES, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
 from sae.core.architectures.binding import BindingSAE
-from sae.lm.scenes_model import BOTTLENECK_HOOK, _patch_sep, _slice, query_logits
+from sae.core.config import HelpFormatter
+from sae.core.files import write_result
+from sae.core.io import load
+from sae.core.metrics import fvu
+from sae.eval.probes import HEADS, fit_scene_probes
+from sae.lm import scenes
+from sae.lm.scenes import ATTRIBUTES, COLOURS, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
+from sae.lm.scenes_model import BOTTLENECK_HOOK, load_scenes_model, patch_sep, query_logits, slice_batch
+from sae.lm.splice import resolve_sae_dir
 
 D_MODEL = 64  # the shipped scenes model's width (sae/assets/scenes_model.json)
 COS_DIFFER = 0.99  # codes "differ" below this cosine: well above float noise, below any real change
@@ -100,8 +106,8 @@ def predict(model, batch: scenes.SceneBatch, sep: torch.Tensor | None = None) ->
     """(N, N_QUERIES) argmax answers; with `sep` (N, d_model) that vector replaces the SEP residual."""
     out = []
     for i in range(0, len(batch), CHUNK):
-        part = _slice(batch, slice(i, i + CHUNK))
-        hooks = [(BOTTLENECK_HOOK, _patch_sep(sep[i:i + CHUNK]))] if sep is not None else []
+        part = slice_batch(batch, slice(i, i + CHUNK))
+        hooks = [(BOTTLENECK_HOOK, patch_sep(sep[i:i + CHUNK]))] if sep is not None else []
         out.append(query_logits(model, part, hooks).argmax(-1).cpu())
     return torch.cat(out)
 
@@ -127,54 +133,6 @@ class Codec:
 
 # -----------------------------------------------------------------------------
 # probes
-
-HEADS = [(s, a) for s in range(scenes.MAX_OBJECTS) for a in range(len(ATTRIBUTES))]
-
-
-def fit_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600, lr: float = 0.05):
-    """One multinomial logistic probe per (object, attribute) on standardised features, full-batch
-    Adam from zero (the recipe of sae.lm.scenes_model's probes). The heads share nothing but the
-    features, and Adam is per-parameter, so fitting them together equals fitting them apart.
-    Returns predict(x_new) -> (N, MAX_OBJECTS, 3) value indices."""
-    x = x.float()
-    keep = x.std(0) > 1e-6  # constant on train (dead latents): no information, only test-time noise
-    x = x[:, keep]
-    mu, sd = x.mean(0), torch.ones(0)
-    if keep.any():
-        # A latent firing on a handful of train rows has a tiny std; flooring it stops its rare
-        # test activations from being blown up to huge standardised values.
-        sd = x.std(0).clamp_min(0.1 * x.std(0).median().item())
-    sizes = [len(FAMILIES[ATTRIBUTES[a]]) for _, a in HEADS]
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    W = torch.zeros(x.shape[1], offsets[-1], requires_grad=True)
-    b = torch.zeros(offsets[-1], requires_grad=True)
-    sparse = (x != 0).float().mean().item() < 0.2
-    # Sparse codes stay sparse: (x - mu)/sd @ W = (x/sd) @ W - (mu/sd) @ W.
-    xs = (x / sd).to_sparse() if sparse else x / sd
-    shift = mu / sd
-    present = [(attributes[:, s, a] >= 0) for s, a in HEADS]
-    opt = torch.optim.Adam([W, b], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            logits = (torch.sparse.mm(xs, W) if sparse else xs @ W) - shift @ W + b
-            loss = sum(F.cross_entropy(logits[m, offsets[h]:offsets[h + 1]], attributes[m, s, a])
-                       for h, ((s, a), m) in enumerate(zip(HEADS, present)) if m.any())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    W, b = W.detach(), b.detach()
-
-    def predict_fn(x_new: torch.Tensor) -> torch.Tensor:
-        logits = ((x_new.float()[:, keep] - mu) / sd) @ W + b
-        out = torch.empty(len(x_new), scenes.MAX_OBJECTS, len(ATTRIBUTES), dtype=torch.long)
-        for h, (s, a) in enumerate(HEADS):
-            out[:, s, a] = logits[:, offsets[h]:offsets[h + 1]].argmax(-1)
-        return out
-
-    return predict_fn
-
 
 def probe_scores(predict_fn, test: tuple, held: tuple) -> dict:
     """Accuracies of fitted probes (see module doc) on test and heldout (features, batch) pairs."""
@@ -495,8 +453,6 @@ def evaluate_sae(sae_model, scenes_model, n_train: int = 4000, n_eval: int = 100
                  scale: float = 1.0, probe_steps: int = 600, progress: bool = False) -> dict:
     """Probes, swap test and causal edits (module doc) for one SAE on the scenes bottleneck.
     `scale`: what the SAE multiplies its input by (1 for SAEs saved by sae.train: folded in)."""
-    from tqdm.auto import tqdm
-
     if sae_model.d_in != D_MODEL:
         raise ValueError(f"the SAE has d_in={sae_model.d_in}; the scenes bottleneck has {D_MODEL}")
     was_training = sae_model.training
@@ -514,7 +470,7 @@ def evaluate_sae(sae_model, scenes_model, n_train: int = 4000, n_eval: int = 100
 
         # reconstruction and plain splice on test scenes (context for everything after)
         xt, xh = x["test"], xhat["test"]
-        recon = {"fvu": ((xt - xh).pow(2).sum() / (xt - xt.mean(0)).pow(2).sum()).item(),
+        recon = {"fvu": fvu(xt, xh),
                  "l0": (z["test"] > 0).sum(1).float().mean().item(),
                  "latents_used": int((z["train"] > 0).any(0).sum()), "n_latents_total": z["train"].shape[1],
                  "acc_clean": _acc(predict(scenes_model, test), test.answers),
@@ -525,7 +481,7 @@ def evaluate_sae(sae_model, scenes_model, n_train: int = 4000, n_eval: int = 100
         probes = {}
         for name, feats in (("residual", x), ("codes", z), ("reconstruction", xhat)):
             with torch.enable_grad():
-                fn = fit_probes(feats["train"], train.attributes, steps=probe_steps)
+                fn = fit_scene_probes(feats["train"], train.attributes, steps=probe_steps)
             probes[name] = probe_scores(fn, (feats["test"], test), (feats["heldout"], held))
         bar.update()
 
@@ -561,9 +517,6 @@ def describe_sae(m) -> dict:
 def load_run(path: str):
     """(sae, info) for a run directory (sae/cfg.json) or a dictionary directory (cfg.json), checked
     to be an SAE on the scenes bottleneck; ValueError with one line otherwise."""
-    import sae as sae_lib
-    from sae.lm.splice import resolve_sae_dir
-
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"{path}: no such directory")
@@ -572,7 +525,7 @@ def load_run(path: str):
     model, hook = meta.get("model_name"), meta.get("hook_name")
     if model not in (None, "scenes") or hook not in (None, BOTTLENECK_HOOK):
         raise ValueError(f"{path}: trained on {model!r} {hook!r}, not the scenes model's {BOTTLENECK_HOOK}")
-    m = sae_lib.load(sae_dir)
+    m = load(sae_dir)
     if m.d_in != D_MODEL:
         raise ValueError(f"{path}: the SAE has d_in={m.d_in}; the scenes bottleneck has d_model={D_MODEL}")
     info = {"path": str(p), "sae_dir": str(sae_dir)}
@@ -623,17 +576,9 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, obj):
-    """Atomically: temporary name, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sae.eval.scenes_binding", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (sae/cfg.json) or dictionary directories (cfg.json)")
     p.add_argument("--out", default="", help="write the results as JSON here ('' = print only)")
     p.add_argument("--n-train", type=int, default=4000, help="train scenes for probes and latent lookup")
@@ -647,8 +592,6 @@ def main(argv=None) -> int:
         if args.n_train < 100 or args.n_eval < 10:
             raise ValueError("--n-train must be >= 100 and --n-eval >= 10")
         loaded = [load_run(r) for r in args.runs]  # every run is checked before the slow part
-        from sae.lm.scenes_model import load_scenes_model
-
         model = load_scenes_model()
         results, t0 = {}, time.time()
         for m, info in loaded:
@@ -663,7 +606,7 @@ def main(argv=None) -> int:
     print(format_table(results))
     if args.out:
         cmd = "python -m sae.eval.scenes_binding " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_json(Path(args.out), {"command": cmd, "hook": BOTTLENECK_HOOK, "sep_position": scenes.SEP_POS,
+        write_result(Path(args.out), {"command": cmd, "hook": BOTTLENECK_HOOK, "sep_position": scenes.SEP_POS,
                                     "seconds": round(time.time() - t0, 1), "runs": results})
         print(f"wrote {args.out}")
     return 0

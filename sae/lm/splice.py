@@ -1,8 +1,8 @@
 """Loss recovered by splicing: run the model with the SAE's reconstruction in place of a hooked
 activation, and measure what that costs against the clean model and two ablation baselines.
 
-    res = splice_eval(model, sae, "blocks.1.hook_resid_post", batches)      # library
-    python -m sae.lm.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
+    res = splice_eval(model, sae, "blocks.1.hook_resid_post", batches)
+    python -m sae.eval.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
 
 Conditions, each one forward pass per batch with a transformer-lens hook on `hook`:
     clean    no intervention
@@ -34,36 +34,24 @@ evaluate one mid-training (make_splice_callback does): x_hat = sae(x * scale) / 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from sae.core.config import option
+from sae.core.io import load
+from sae.core.metrics import RunningStats
+from sae.lm import models
+from sae.lm.attach import ReplaceRows, reconstruct
+from sae.lm.cache import CacheConfig, check_config, open_source
+from sae.lm.minilm import mean_pool
+from sae.lm.scenes import sample_batch
 
 ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"  # shipped real English (a few KB)
-
-
-@dataclass
-class SpliceConfig:
-    model: str = option("", "model id ('' = the dictionary's metadata.model_name)")
-    hook: str = option("", "hook name ('' = the dictionary's metadata.hook_name)")
-    source: str = option("", "'generator' (scenes) or a .txt/.jsonl/.npy/.safetensors file "
-                             "('' = generator for scenes, the shipped eval/data/english.txt otherwise)")
-    split: str = option("test", "scenes generator split (held-out scenes by default)")
-    n_sequences: int = option(512, "sequences to evaluate")
-    seq_len: int = option(0, "text sources: tokens per sequence (0 = model n_ctx; batches are cut to their longest)")
-    batch_size: int = option(64, "sequences per forward pass")
-    seed: int = option(12345, "generator seed (not the cache's default 0: held-out scenes)")
-    error_term: bool = option(False, "also run SAE + error term, which must reproduce the clean model")
-    device: str = option("cpu", "device for model and SAE")
-    out: str = option("", "write the result as JSON here ('' = print only)")
 
 
 @dataclass
@@ -81,9 +69,6 @@ class TokenBatch:
 def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512, batch_size: int = 64,
                  split: str = "test", seed: int = 12345, seq_len: int = 0) -> list[TokenBatch]:
     """Token batches for splicing, with the same row selection as sae.lm.cache (drop_bos on)."""
-    from sae.lm import models
-    from sae.lm.cache import CacheConfig, check_config, open_source
-
     source = source or ("generator" if model_id == models.BUILTIN else str(ENGLISH))
     cfg = CacheConfig(model=model_id, source=source, n_sequences=n_sequences, split=split, seed=seed,
                       seq_len=seq_len, hooks=["unused"], out="unused")
@@ -101,8 +86,6 @@ def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512,
         no_target.append(tok.pad_token_id)
     scenes = None
     if source == "generator":
-        from sae.lm.scenes import sample_batch
-
         scenes = sample_batch(n_sequences, seed, split)  # the generator source's own scenes (same call)
     out = []
     for b, toks, lengths in src.batches(0, batch_size):
@@ -131,28 +114,6 @@ def is_encoder(model) -> bool:
     return getattr(model.cfg, "attention_dir", "causal") == "bidirectional"
 
 
-def _apply_sae(sae, x: torch.Tensor, scale: float):
-    """x_hat (in x's units) and codes for rows x, with the SAE in eval mode on its own device."""
-    dev = next(sae.parameters()).device
-    out = sae(x.to(dev, torch.float32) * scale)
-    return (out.x_hat / scale).to(x.device, x.dtype), out.codes
-
-
-class _Replace:
-    """Hook fn: replace the activation's rows at `mask` by f(rows). Works for (B, T, ...) hooks."""
-
-    def __init__(self, mask, f):
-        self.mask, self.f = mask, f
-
-    def __call__(self, act, hook=None):
-        shape = act.shape
-        flat = act.reshape(shape[0], shape[1], -1)
-        m = self.mask.to(act.device)
-        new = flat.clone()
-        new[m] = self.f(flat[m])
-        return new.reshape(shape)
-
-
 def _lm_metrics(logits, clean_logits, batch: TokenBatch) -> dict:
     """Per-scope sums: next-token CE and KL(clean || this) over all predicted positions, and at
     the scenes answers (CE, KL, accuracy)."""
@@ -175,8 +136,6 @@ def _lm_metrics(logits, clean_logits, batch: TokenBatch) -> dict:
 
 
 def _encoder_metrics(hidden, clean_hidden, batch: TokenBatch, pad_id) -> dict:
-    from sae.lm.minilm import mean_pool
-
     toks = batch.tokens.to(hidden.device)
     e = F.normalize(mean_pool(hidden.float(), toks, pad_id), dim=-1)
     c = F.normalize(mean_pool(clean_hidden.float(), toks, pad_id), dim=-1)
@@ -193,11 +152,6 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
     """Loss recovered by splicing `sae` into `model` at `hook` over `batches` (see module doc).
     `on_rows(x, x_hat, codes, batch_index, seq_of_row)` is called in the SAE condition with the
     replaced rows (x_hat in x's units; codes as the SAE produced them), for extra statistics."""
-    from tqdm.auto import tqdm
-
-    from sae.lm import models
-    from sae.core.metrics import RunningStats
-
     models.check_hook_names(model, [hook])
     was_training = sae.training
     sae.eval()
@@ -225,7 +179,7 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
             clean = model(b.tokens)
 
             def sae_rows(x, bi=bi, b=b):
-                x_hat, codes = _apply_sae(sae, x, scale)
+                x_hat, codes = reconstruct(sae, x, scale)
                 stats.update(x, x_hat, codes.to(x.device))
                 if on_rows is not None:
                     seq = b.splice.nonzero()[:, 0]
@@ -234,9 +188,9 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
 
             fns = {"sae": sae_rows, "zero": torch.zeros_like,
                    "mean": lambda x: mean.to(x.device, x.dtype).expand_as(x).clone(),
-                   "error": lambda x: (lambda xh: xh + (x - xh))(_apply_sae(sae, x, scale)[0])}
+                   "error": lambda x: (lambda xh: xh + (x - xh))(reconstruct(sae, x, scale)[0])}
             for c in conditions:
-                out = clean if c == "clean" else model.run_with_hooks(b.tokens, fwd_hooks=[(hook, _Replace(b.splice, fns[c]))])
+                out = clean if c == "clean" else model.run_with_hooks(b.tokens, fwd_hooks=[(hook, ReplaceRows(b.splice, fns[c]))])
                 m = _encoder_metrics(out, clean, b, pad_id) if encoder else _lm_metrics(out, clean, b)
                 for scope, d in m.items():
                     acc = sums[c].setdefault(scope, {})
@@ -303,15 +257,13 @@ def make_splice_callback(model_id: str, hook: str, every: int, n_sequences: int 
     of n_sequences held-out sequences and returns flat scalars ({"splice/all/ce_recovered_zero":
     ..., ...}) to merge into the step's logs; on other steps it returns {}. The model and the
     token batches are loaded once, here."""
-    from sae.lm import models
-
     model = model if model is not None else models.load_model(model_id, device)
     models.check_hook_names(model, [hook], model_id)
     return SpliceMonitor(model, hook, make_batches(model_id, model, source, n_sequences, batch_size), every)
 
 
 # -----------------------------------------------------------------------------
-# command line
+# dictionaries to evaluate
 
 def resolve_sae_dir(path: Path) -> Path:
     """A dictionary directory (cfg.json) or a run directory holding one in sae/."""
@@ -325,9 +277,6 @@ def resolve_sae_dir(path: Path) -> Path:
 def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "cpu"):
     """(sae, model, model_id, hook, cfg.json) for a saved dictionary, with the model and hook from
     its metadata unless given."""
-    import sae as sae_lib
-    from sae.lm import models
-
     sae_dir = resolve_sae_dir(Path(path))
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     meta = cfg.get("metadata", {})
@@ -337,61 +286,7 @@ def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "
         raise ValueError(f"{sae_dir}/cfg.json names no model (metadata.model_name): pass --model")
     if not hook:
         raise ValueError(f"{sae_dir}/cfg.json names no hook (metadata.hook_name): pass --hook")
-    sae = sae_lib.load(sae_dir, device=device)
+    sae = load(sae_dir, device=device)
     model = models.load_model(model_id, device)
     models.check_hook_names(model, [hook], model_id)
     return sae, model, model_id, hook, cfg
-
-
-def format_result(res: dict) -> str:
-    lines = [f"hook {res['hook']}  objective {res['objective']}  sequences {res['n_sequences']}  "
-             f"spliced rows {res['n_spliced_rows']}  FVU {res['reconstruction']['fvu']:.4f}  L0 {res['reconstruction']['l0']:.1f}"]
-    for scope, d in res["scopes"].items():
-        metrics = sorted({k.rsplit("_", 1)[0] for k in d if "_recovered_" not in k and k.rsplit("_", 1)[-1] in res["conditions"]})
-        lines.append(f"[{scope}] (n={d['n']})")
-        lines.append(f"  {'metric':<9}" + "".join(f"{c:>11}" for c in res["conditions"]) + f"{'rec(zero)':>11}{'rec(mean)':>11}")
-        for m in metrics:
-            lines.append(f"  {m:<9}" + "".join(f"{d[f'{m}_{c}']:11.4f}" for c in res["conditions"])
-                         + f"{d[f'{m}_recovered_zero']:11.4f}{d[f'{m}_recovered_mean']:11.4f}")
-    return "\n".join(lines)
-
-
-def write_json(path: Path, obj):
-    """Atomically: temporary name, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.lm.splice", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
-    for f in fields(SpliceConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = p.parse_args(argv)
-    cfg = SpliceConfig(**{k: getattr(args, k) for k in asdict(SpliceConfig())})
-    try:
-        if cfg.n_sequences <= 0 or cfg.batch_size <= 0:
-            raise ValueError("--n-sequences and --batch-size must be positive")
-        sae, model, model_id, hook, _ = load_for_eval(args.path, cfg.model, cfg.hook, cfg.device)
-        batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
-        res = splice_eval(model, sae, hook, batches, error_term=cfg.error_term, progress=True)
-        res.update(model=model_id, sae=str(resolve_sae_dir(Path(args.path))), config=asdict(cfg))
-    except (ValueError, OSError, ImportError) as e:  # sae.core.io.LoadError and sae.core.store.CacheError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_result(res))
-    if cfg.out:
-        write_json(Path(cfg.out), res)
-        print(f"wrote {cfg.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

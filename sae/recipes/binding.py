@@ -41,6 +41,7 @@ from sae.recipes.matching import MatchConfig, fit_map, match_blocks
 from sae.core.metrics import batch_metrics
 from sae.core.config import OptionError
 from sae.core.run_dir import RunDir, is_run
+from sae.core.store import make_store
 from sae.core.trainer import TrainResult, train_loop
 
 BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
@@ -82,10 +83,10 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
     bind_steps, split_steps = int(BIND_SHARE * steps), int(SPLIT_SHARE * steps)
     phases = Path(run_dir) / "phases" if run_dir else None
 
-    def run_phase(name, m, n_steps, phase_seed, keep):
+    def run_phase(name, m, n_steps, phase_seed, continue_training):
         opts = dict(options, steps=n_steps, seed=phase_seed, binding_recipe="plain")
-        if keep:
-            opts["b_dec_init"] = "keep"
+        if continue_training:
+            opts["start"] = "continue"
         if phases is None:
             return train_loop(m, data, **opts)
         where = phases / name
@@ -96,7 +97,7 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
     # 1. bind: free transforms from a random orthogonal start find the slot partition
     torch.manual_seed(seed)
     bind_cfg = {**vars(cfg), "slot_transform": "full", "transform_init": "random_orthogonal"}
-    bound = run_phase("1-bind", BindingSAE(**bind_cfg), bind_steps, seed, keep=False).model
+    bound = run_phase("1-bind", BindingSAE(**bind_cfg), bind_steps, seed, continue_training=False).model
 
     # 2. split: a standard SAE of the same rule, starting from the bound decoder and encoder
     flat_cls = RULE_BASES[cfg.sparsity]
@@ -108,7 +109,7 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
         split.load_decoder(bound.flat_decoder(), None)
         for name in ("W_enc", "b_enc", "b_dec"):
             getattr(split, name).copy_(getattr(bound, name))
-    split = run_phase("2-split", split, split_steps, seed + 1, keep=True).model
+    split = run_phase("2-split", split, split_steps, seed + 1, continue_training=True).model
 
     # 3. match every free block to block 1, and start the caller's model there
     x = _sample(data, options, seed).to(model.b_dec.device)
@@ -117,7 +118,7 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
 
     # 4. rebind
     result = train_loop(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
-                                          binding_recipe="plain", b_dec_init="keep", run_dir=run_dir,
+                                          binding_recipe="plain", start="continue", run_dir=run_dir,
                                           resume=resume and (Path(run_dir) / "config.json").exists()))
     with torch.no_grad():
         tied, untied = model(x), split(x)
@@ -227,8 +228,6 @@ def _options(cfg, config_cls) -> dict:
 
 def _sample(data, options: dict, seed: int) -> torch.Tensor:
     """Up to SAMPLE_ROWS activations (raw units) for usage and the verdicts."""
-    from sae.core.store import make_store  # noqa: PLC0415
-
     hook = options.get("hook") or None
     n_rows = make_store(data, batch_size=1, hook=hook).n_rows
     batch = min(4096, n_rows)

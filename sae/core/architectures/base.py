@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from sae.core import kernels
+from sae.core import io, kernels
+from sae.core.architectures.registry import ARCHITECTURES
 from sae.core.config import OptionError, option
 
 
@@ -98,7 +99,7 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""
     Config: ClassVar[type[SAEConfig]] = SAEConfig
-    registry: ClassVar[dict[str, type[SAE]]] = {}
+    registry: ClassVar[dict[str, type[SAE]]] = ARCHITECTURES
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -277,9 +278,7 @@ class SAE(nn.Module):
     # ---- export ----------------------------------------------------------------------------
     def save(self, path, **kwargs):
         """Write cfg.json + sae_weights.safetensors (see sae.core.io.save)."""
-        from sae.core.io import save
-
-        return save(self, path, **kwargs)
+        return io.save(self, path, **kwargs)
 
     def export_state(self) -> dict[str, Tensor]:
         """Weights under SAELens keys, for sae_weights.safetensors."""

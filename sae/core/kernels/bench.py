@@ -23,6 +23,9 @@ The targets of the issue are checked at the end, after the table.
 import argparse
 import contextlib
 import datetime
+import gc
+import importlib.metadata as md
+import importlib.util
 import math
 import os
 import platform
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.core.kernels import reference
+from sae.core.kernels.pairs import CACHE
 from sae.core.kernels.dispatch import auxk_reconstruct, backend, binding_decode, sparse_decode, topk_encode
 
 GRID_D = (768, 2048, 4096)
@@ -54,7 +58,7 @@ def bench_ms(fn, device, grad_to_none=None, rep_ms=100):
     """Median milliseconds of fn(). GPU: triton.testing.do_bench (L2 flushed between calls)."""
     if device.type == "cuda":
         try:
-            from triton.testing import do_bench
+            from triton.testing import do_bench  # noqa: PLC0415 (triton is optional; only on a GPU)
 
             return float(do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
         except (ImportError, TypeError, AssertionError):  # a triton without return_mode="median"
@@ -107,8 +111,6 @@ def activation_bytes(fwd_bwd, params, device):
 
 
 def free(device):
-    import gc
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -302,8 +304,7 @@ def sparse_kernel_rates(s, device, rep_ms):
     db_enc) through the kernels, on compulsory bytes; plus the pair sort."""
     if backend(s.W_dec) != "triton":
         return {}
-    from sae.core.kernels.pairs import CACHE
-    from sae.core.kernels.triton_decode import gather_sum, segment_pass
+    from sae.core.kernels.triton_decode import gather_sum, segment_pass  # noqa: PLC0415 (imports triton)
 
     with torch.no_grad(), autocast(device):
         values, indices = topk_encode(s.x(), s.W_enc, s.b_enc, s.k, s.b_dec)
@@ -563,8 +564,6 @@ def main(argv=None):
         if not torch.cuda.is_available():
             sys.exit("no GPU: run with --smoke for the CPU check, or on a CUDA machine")
         device = torch.device("cuda")
-    import importlib.metadata as md
-
     versions = {p: md.version(p) for p in ("torch", "triton", "numpy") if _installed(p)}
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"sae.core.kernels bench  {datetime.datetime.now().isoformat(timespec='seconds')}  device: {dev_name}  "
@@ -593,8 +592,6 @@ def main(argv=None):
 
 
 def _installed(name):
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 

@@ -56,10 +56,10 @@ def _triton(device):
     """Import the Triton-path modules lazily (importing sae.core.kernels must not need triton)."""
     if device.type != "cuda" and "sae.core.kernels.triton_decode" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from sae.core.kernels import triton_decode, triton_encode
+    from sae.core.kernels import triton_decode, triton_encode  # noqa: PLC0415 (import triton: only on this path)
 
     if device.type != "cuda":
-        import triton.language as tl
+        import triton.language as tl  # noqa: PLC0415 (optional dependency, checked here)
 
         std = getattr(getattr(tl, "standard", None), "max", None)
         if not triton_decode.INTERPRET or (std is not None and type(std).__name__ != "InterpretedFunction"):

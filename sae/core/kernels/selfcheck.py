@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from sae.core.kernels import reference
+from sae.core.kernels.pairs import CACHE
 
 _B = 16  # batch of the check problem; a multiple of 16, as training batches are (ints are specialised on it)
 _SEED = 20240917
@@ -142,7 +143,7 @@ def _fallback(op):
 
 def versions(device):
     try:
-        import triton
+        import triton  # noqa: PLC0415 (optional: this reports whether it imports at all)
 
         tv = triton.__version__
     except Exception as e:  # the check may have failed because triton does not import
@@ -189,8 +190,6 @@ def _run_check(spec, run):
 @contextlib.contextmanager
 def _clean_context(device):
     """No caller autocast, inference_mode or no_grad; random streams and the pair-sort cache restored."""
-    from sae.core.kernels.pairs import CACHE
-
     saved = list(CACHE.entries)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
