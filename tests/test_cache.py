@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import sae
 from sae.lm import models
 from sae.lm.cache import CacheConfig, write_cache
 from sae.lm.scenes import N_CTX, TOKENIZER, generate_tokens
@@ -327,3 +328,19 @@ def test_nan_activations(tmp_path):
     with pytest.raises(CacheError, match=f"NaN/inf activations from hook {HOOK} in source sequences") as e:
         write_cache(config(tmp_path), model=bad)
     assert one_line(e) and not (tmp_path / "c").exists()
+
+
+def test_a_dictionary_records_how_its_model_was_loaded(tmp_path, model):
+    """SAELens reloads the model from cfg.json's model_class_name and model_from_pretrained_kwargs:
+    the cache's model_load record must reach every dictionary trained on it."""
+    path = write_cache(config(tmp_path), model=model)
+    manifest = json.loads((path / "manifest.json").read_text())
+    record = {**manifest["model_load"], "model_class_name": "HookedTransformer",
+              "model_from_pretrained_kwargs": {"center_writing_weights": False}}
+    manifest["model_load"] = record  # as a Hub model's cache records it (loading one needs the network)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    result = sae.train(sae.TopKSAE(16, 32, k=2), str(path), steps=3, batch_size=32, run_dir=str(tmp_path / "r"))
+    meta = json.loads((result.run_dir / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["model_class_name"] == "HookedTransformer"
+    assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
+    assert meta["model_load"] == record and meta["model_name"] == "scenes" and meta["hook_name"] == HOOK
