@@ -220,7 +220,7 @@ def test_a_failed_write_leaves_the_previous_report_and_no_temporary(runs, tmp_pa
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "replace", fail)  # dies between writing the temporary and renaming
+    monkeypatch.setattr(report.files.os, "replace", fail)  # dies between writing the temporary and renaming
     assert report.main([str(run)]) == 2
     assert one_line_error(capsys).endswith("report.html: cannot write the report (No space left on device)")
     assert (run / "report.html").read_text() == "previous"

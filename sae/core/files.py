@@ -28,7 +28,12 @@ from safetensors.torch import save_file
 
 
 class OutputError(ValueError):
-    """A target that cannot or must not be written: one line saying what and where."""
+    """A target that cannot or must not be written: one line saying what and where. `os_reason` is
+    the operating system's own words when an OS error caused it (e.g. "No space left on device")."""
+
+    def __init__(self, message: str, os_reason: str | None = None):
+        super().__init__(message)
+        self.os_reason = os_reason
 
 
 class BusyError(OutputError):
@@ -70,7 +75,7 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Atomically create or replace the file `path` with what `write(tmp_path)` writes."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path} is a directory; cannot write a file there")
+        raise OutputError(f"{path} is a directory; cannot write a file there", os_reason=os.strerror(errno.EISDIR))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -83,7 +88,7 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             tmp.unlink()
         if isinstance(e, OutputError) or not _is_write_failure(e):
             raise
-        raise OutputError(f"cannot write {path}: {describe_os_error(e)}") from None
+        raise OutputError(f"cannot write {path}: {describe_os_error(e)}", getattr(e, "strerror", None)) from None
     return path
 
 

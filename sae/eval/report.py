@@ -844,7 +844,7 @@ def make_report(cfg: ReportConfig) -> Path:
         files.make_dirs(out.parent)
         files.write_text(out, render_html(run, sections))
     except files.OutputError as e:
-        raise ReportError(str(e)) from None
+        raise ReportError(f"{out}: cannot write the report ({e.os_reason or e})") from None
     return out
 
 
