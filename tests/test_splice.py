@@ -163,9 +163,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 @pytest.mark.skipif(models.tl_major() >= 4, reason="a random scenes model can only be built under TL 3.x")
 def test_scenes_answer_scope_on_a_random_scenes_model():
     """The answers scope reads the logits before each answer (the model is untrained: mechanics only)."""
-    from sae.lm.scenes_model import ScenesModelConfig, build_model
+    from sae.lm.scenes_model import ScenesModelConfig, build_scenes_model
 
-    m = build_model(ScenesModelConfig(d_model=32, n_heads=4, d_mlp=64)).eval()
+    m = build_scenes_model(ScenesModelConfig(d_model=32, n_heads=4, d_mlp=64)).eval()
     batches = splice.make_batches("scenes", m, "generator", n_sequences=16, batch_size=8)
     b = batches[0]
     assert b.answers.shape == (8, 3) and torch.equal(b.tokens.gather(1, b.answer_pos), b.answers)
