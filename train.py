@@ -15,7 +15,6 @@ import dataclasses
 import shlex
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
@@ -37,12 +36,12 @@ DEFAULT_JOB = dict(arch="topk", expansion_factor=8, k=8, steps=2000, batch_size=
 
 
 def model_option_table() -> dict[str, dict[str, object]]:
-    """option name -> {architecture: default} over every registered architecture."""
+    """option name -> {architecture: default} over every registered architecture, each with its
+    default sparsity rule (SAE.options: the structure's options, then the rule's)."""
     table: dict[str, dict[str, object]] = {}
     for arch, cls in SAE.registry.items():
-        for f in dataclasses.fields(cls.Config):
-            if f.name not in ("d_in", "n_latents"):
-                table.setdefault(f.name, {})[arch] = f.default
+        for name, (_, default, _) in cls.options().items():
+            table.setdefault(name, {})[arch] = default
     return table
 
 
@@ -59,14 +58,14 @@ def build_train_parser() -> argparse.ArgumentParser:
     run.add_argument("--expansion-factor", type=int, default=DEFAULT_JOB["expansion_factor"],
                      help="dictionary size as a multiple of d_in, when --n-latents is 0")
     add_threads_option(run)
-    arch = parser.add_argument_group("architecture options (default: the architecture's own)")
+    arch = parser.add_argument_group("architecture options (default: the architecture's own, with its sparsity rule's)")
     hints = {}  # the first definition of a shared option (the base class's) gives its help text
     for cls in SAE.registry.values():
-        for f in dataclasses.fields(cls.Config):
-            hints.setdefault(f.name, (typing.get_type_hints(cls.Config)[f.name], f.metadata.get("help", "")))
+        for name, (kind, _, help_text) in cls.options().items():
+            hints.setdefault(name, (kind, help_text))
     for name, defaults in model_option_table().items():
         kind, help_text = hints[name]
-        shown = ", ".join(f"{a}={'[]' if d is dataclasses.MISSING else d}" for a, d in defaults.items())
+        shown = ", ".join(f"{a}={d}" for a, d in defaults.items())
         job_default = DEFAULT_JOB.get(name)
         text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
         add_option(arch, name, kind, None, text)  # None: the architecture's own default
@@ -89,9 +88,10 @@ def set_threads(n: int):
 
 def build_sae(args, d_in: int) -> SAE:
     cls = SAE.registry[args.arch]
-    given = {name: getattr(args, name) for name in model_option_table() if getattr(args, name) is not None}
-    concrete = cls.resolve(**given)
-    applicable = {f.name for f in dataclasses.fields(concrete.Config)}
+    structured = "sparsity" in cls.options()  # a structure that takes any of several sparsity rules
+    rule = cls.rule_class(args.sparsity if structured else None)
+    applicable = cls.options(rule.name)
+    where = f"--arch {args.arch} ({cls.__name__}" + (f" with sparsity {rule.name})" if structured else ")")
     options = {}
     for name in model_option_table():
         value = getattr(args, name)
@@ -100,7 +100,7 @@ def build_sae(args, d_in: int) -> SAE:
         if value is None:
             continue
         if name not in applicable:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch} ({concrete.__name__})")
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to {where}")
         options[name] = value
     if args.n_latents < 0:
         raise OptionError("n_latents", f"must be >= 0 (0 = --expansion-factor * d_in), got {args.n_latents}")

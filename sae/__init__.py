@@ -3,6 +3,7 @@
     import sae
     m = sae.TopKSAE(d_in=64, n_latents=1024, k=8)
     m = sae.BindingSAE(d_in=64, n_latents=256, n_slots=2, k=8)   # decoder [D; M_2 D]
+    m = sae.BindingSAE(64, 256, n_slots=2, sparsity=sae.BatchTopK(k=8))  # any sparsity rule
     out = m(x)                      # out.x_hat, out.codes, out.loss, out.losses
     sae.train(m, data, steps=1000, batch_size=1024, lr=1e-3, seed=0)
     m.save("dir"); m2 = sae.load("dir")
@@ -15,15 +16,17 @@ The package is a stack that imports only downward (tests/test_layers.py holds it
 This module is the public face: it re-exports the library's names from core and recipes.
 """
 from sae.core.architectures.base import SAE, Code, SAEConfig, SAEOutput
-from sae.core.architectures.batchtopk import BatchTopKSAE
+from sae.core.architectures.batchtopk import BatchTopK, BatchTopKSAE
 from sae.core.architectures.binding import BindingSAE
-from sae.core.architectures.jumprelu import JumpReLUSAE
+from sae.core.architectures.jumprelu import JumpReLU, JumpReLUSAE
 from sae.core.architectures.matryoshka import MatryoshkaSAE
-from sae.core.architectures.relu import ReLUSAE
-from sae.core.architectures.topk import TopKSAE
+from sae.core.architectures.relu import ReLU, ReLUSAE
+from sae.core.architectures.sparsity import Sparsity
+from sae.core.architectures.topk import TopK, TopKPerSlot, TopKSAE
 from sae.core.io import load, save
 from sae.core.trainer import TrainConfig, TrainResult
 from sae.recipes.training import train
 
 __all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE",
-           "MatryoshkaSAE", "load", "save", "train", "TrainConfig", "TrainResult"]
+           "MatryoshkaSAE", "Sparsity", "TopK", "TopKPerSlot", "BatchTopK", "ReLU", "JumpReLU",
+           "load", "save", "train", "TrainConfig", "TrainResult"]

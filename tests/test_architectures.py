@@ -180,3 +180,16 @@ def test_unknown_and_invalid_options_are_refused():
         sae.ReLUSAE(8, 0)
     with pytest.raises(ValueError, match="l1_coeff must be >= 0"):
         sae.ReLUSAE(8, 16, l1_coeff=-1)
+
+
+def test_a_flat_sae_takes_its_own_rule_as_a_component():
+    torch.manual_seed(0)
+    by_rule = sae.TopKSAE(8, 16, sparsity=sae.TopK(k=3, aux_coeff=0.0))
+    torch.manual_seed(0)
+    by_name = sae.TopKSAE(8, 16, k=3, aux_coeff=0.0)
+    assert by_rule.cfg == by_name.cfg and by_rule.cfg.k == 3 and by_rule.config_dict() == by_name.config_dict()
+    assert "sparsity" not in by_rule.config_dict()  # cfg.json of flat SAEs is as it was
+    assert torch.equal(by_rule.W_dec, by_name.W_dec)
+    with pytest.raises(ValueError, match="sparsity must be one of topk"):
+        sae.TopKSAE(8, 16, sparsity=sae.BatchTopK(k=3))
+    assert sae.ReLUSAE(8, 16).cfg.normalize_decoder is False  # ReLU's SAE-level defaults, stated by the rule

@@ -149,3 +149,38 @@ def test_rule_defaults_survive_composition():
     assert relu.n_total == 32
     topk = sae.BindingSAE(8, 16, k=3)
     assert topk.cfg.k == 3 and topk.cfg.normalize_decoder is True
+
+
+def test_sparsity_is_a_component_given_as_a_rule_or_by_name():
+    torch.manual_seed(0)
+    by_rule = sae.BindingSAE(D_IN, N, n_slots=S, sparsity=sae.BatchTopK(k=4, threshold_lr=0.5))
+    torch.manual_seed(0)
+    by_name = sae.BindingSAE(D_IN, N, n_slots=S, sparsity="batchtopk", k=4, threshold_lr=0.5)
+    assert type(by_rule) is type(by_name) is sae.BindingSAE  # no class per (structure x rule)
+    assert by_rule.sparsity == by_name.sparsity == sae.BatchTopK(k=4, threshold_lr=0.5)
+    assert by_rule.cfg == by_name.cfg and by_rule.config_dict() == by_name.config_dict()
+    assert by_rule.cfg.sparsity == "batchtopk" and by_rule.cfg.k == 4 and not hasattr(by_rule.cfg, "l1_coeff")
+    for a, b in zip(by_rule.state_dict().values(), by_name.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(5, D_IN)
+    torch.testing.assert_close(by_rule(x).x_hat, by_name(x).x_hat)
+    rule = sae.TopK(k=2)
+    model = sae.BindingSAE(D_IN, N, sparsity=rule)
+    model.cfg.k = 3  # the config writes through to the model's own copy of the rule
+    assert model.sparsity.k == 3 and rule.k == 2
+    assert sae.BindingSAE(D_IN, N, sparsity="jumprelu").threshold.shape == (2 * N,)  # the rule's derived value
+
+
+def test_bad_rules_are_refused():
+    with pytest.raises(ValueError, match="k: set inside sparsity=TopK"):
+        sae.BindingSAE(8, 16, sparsity=sae.TopK(k=2), k=3)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 32\]"):
+        sae.BindingSAE(8, 16, sparsity=sae.TopK(k=33))
+    with pytest.raises(ValueError, match="has no option l1_coeff"):
+        sae.BindingSAE(8, 16, sparsity=sae.TopK(k=2), l1_coeff=1.0)
+
+
+def test_a_rule_states_the_sae_defaults_it_changes():
+    assert sae.ReLU.sae_defaults == {"normalize_decoder": False, "decoder_init_norm": 0.1}
+    assert sae.BindingSAE(8, 16, sparsity=sae.ReLU(), normalize_decoder=True).cfg.normalize_decoder is True
+    assert sae.BindingSAE(8, 16, sparsity=sae.ReLU()).cfg.decoder_init_norm == 0.1

@@ -34,9 +34,9 @@ def test_help_lists_every_option(tmp_path):
     for f in dataclasses.fields(sae.TrainConfig):
         assert flag(f.name) in help_text, f.name
     for cls in SAE.registry.values():
-        for f in dataclasses.fields(cls.resolve().Config):
-            if f.name not in ("d_in", "n_latents"):
-                assert flag(f.name) in help_text, f"{cls.__name__}.{f.name}"
+        for rule in cls.rules:  # every option of every architecture under each of its sparsity rules
+            for name in cls.options(rule):
+                assert flag(name) in help_text, f"{cls.__name__}({rule}).{name}"
     for arch in SAE.registry:
         assert arch in help_text
     cache_help = run("cache", "--help", cwd=tmp_path).stdout
@@ -58,6 +58,9 @@ def cache_dir(tmp_path_factory):
     (["--expansion-factor", "0"], "--expansion-factor must be a positive integer"),
     (["--arch", "relu", "--k", "4"], "--k does not apply to --arch relu"),
     (["--arch", "topk", "--l1-coeff", "4"], "--l1-coeff does not apply to --arch topk"),
+    (["--arch", "binding", "--sparsity", "relu", "--k", "4"], "--k does not apply to --arch binding"),
+    (["--arch", "binding", "--sparsity", "gated"], "--sparsity must be one of topk, topk_per_slot"),
+    (["--arch", "topk", "--sparsity", "relu"], "--sparsity does not apply to --arch topk"),
     (["--arch", "binding", "--slot-transform", "rotate"], "--slot-transform must be one of"),
     (["--b-dec-init", "median"], "--b-dec-init must be one of"),
     (["--hook", "blocks.9.hook_resid_post"], "blocks.9.hook_resid_post"),

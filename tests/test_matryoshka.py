@@ -58,6 +58,9 @@ def test_round_trip_and_bad_groups(tmp_path):
         sae.MatryoshkaSAE(8, 32, group_sizes=[8, 8], k=2)
     with pytest.raises(ValueError, match="sparsity must be one of topk, batchtopk"):
         sae.MatryoshkaSAE(8, 32, sparsity="relu")
+    with pytest.raises(ValueError, match="sparsity must be one of topk, batchtopk"):
+        sae.MatryoshkaSAE(8, 32, sparsity=sae.ReLU())
+    assert sae.MatryoshkaSAE(8, 32, sparsity=sae.TopK(k=3)).cfg.sparsity == "topk"
 
 
 def binding_prefix_fvu(model, x, prefix):

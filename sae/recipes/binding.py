@@ -36,7 +36,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sae.core import files, io
-from sae.core.architectures.binding import RULE_BASES, BindingSAE
+from sae.core.architectures.base import SAE, SAEConfig
+from sae.core.architectures.binding import BindingSAE
 from sae.recipes.matching import MatchConfig, fit_map, match_blocks
 from sae.core.metrics import batch_metrics
 from sae.core.config import OptionError
@@ -96,20 +97,11 @@ def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options
 
     # 1. bind: free transforms from a random orthogonal start find the slot partition
     torch.manual_seed(seed)
-    bind_cfg = {**vars(cfg), "slot_transform": "full", "transform_init": "random_orthogonal"}
+    bind_cfg = {**model.config_dict(), "slot_transform": "full", "transform_init": "random_orthogonal"}
     bound = run_phase("1-bind", BindingSAE(**bind_cfg), bind_steps, seed, continue_training=False).model
 
     # 2. split: a standard SAE of the same rule, starting from the bound decoder and encoder
-    flat_cls = RULE_BASES[cfg.sparsity]
-    flat_opts = {**_options(cfg, flat_cls.Config), "n_latents": cfg.n_total}
-    if cfg.sparsity == "topk_per_slot":
-        flat_opts["k"] = cfg.k * cfg.n_slots
-    split = flat_cls(**flat_opts)
-    with torch.no_grad():
-        split.load_decoder(bound.flat_decoder(), None)
-        for name in ("W_enc", "b_enc", "b_dec"):
-            getattr(split, name).copy_(getattr(bound, name))
-    split = run_phase("2-split", split, split_steps, seed + 1, continue_training=True).model
+    split = run_phase("2-split", split_sae(bound), split_steps, seed + 1, continue_training=True).model
 
     # 3. match every free block to block 1, and start the caller's model there
     x = _sample(data, options, seed).to(model.b_dec.device)
@@ -221,9 +213,21 @@ def _copy_from_bound(model: BindingSAE, bound: BindingSAE):
         getattr(model, name).copy_(getattr(bound, name))
 
 
-def _options(cfg, config_cls) -> dict:
-    names = {f.name for f in fields(config_cls)}
-    return {k: v for k, v in vars(cfg).items() if k in names}
+def split_sae(bound: BindingSAE) -> SAE:
+    """The flat SAE of `bound`'s sparsity rule over all its n_slots * n_latents codes (per-slot TopK
+    becomes TopK with k per slot times n_slots), with its SAE-level options, decoder and encoder."""
+    rule = bound.sparsity.flat(bound)
+    split = SAE.registry[rule.name](**{**_options(bound.cfg), "n_latents": bound.n_total}, sparsity=rule)
+    with torch.no_grad():
+        split.load_decoder(bound.flat_decoder(), None)
+        for name in ("W_enc", "b_enc", "b_dec"):
+            getattr(split, name).copy_(getattr(bound, name))
+    return split
+
+
+def _options(cfg: SAEConfig) -> dict:
+    """The options every SAE has (d_in, n_latents, decoder handling, dead_tokens), from `cfg`."""
+    return {f.name: getattr(cfg, f.name) for f in fields(SAEConfig) if f.name != "rule"}
 
 
 def _sample(data, options: dict, seed: int) -> torch.Tensor:

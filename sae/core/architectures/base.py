@@ -2,15 +2,18 @@
 
 An SAE maps x (B, d_in) to codes z (B, n_total) and back:
     pre   = (x - b_dec) @ W_enc + b_enc          (SAELens orientation: W_enc is (d_in, n_total))
-    z     = activation(pre)                      (the only thing architectures disagree on)
+    z     = activation(pre)                      (the sparsity rule: a component, sparsity.py)
     x_hat = z @ W_dec + b_dec                    (W_dec is (n_total, d_in); structured SAEs override)
 Codes travel as a `Code`: sparse (values, indices) for the TopK family, so the hot path never builds
 a B x n dense tensor, or dense (B, n_total) when the number of active latents varies per row.
+An architecture is a decoder structure (flat here; binding.py, matryoshka.py) and the sparsity
+rules it takes (`rules`): a flat SAE takes one, TopKSAE is SAE + TopK.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from sae.core import io, kernels
 from sae.core.architectures.registry import ARCHITECTURES
+from sae.core.architectures.sparsity import Sparsity
 from sae.core.config import OptionError, option
 
 
@@ -31,10 +35,22 @@ class SAEConfig:
     init_encoder_from_decoder: bool = option(True, "initialise W_enc as W_dec^T")
     decoder_init_norm: float = option(1.0, "norm of decoder rows at initialisation")
     dead_tokens: int = option(10_000_000, "a latent silent for this many training tokens counts as dead (AuxK, dead share)")
+    # The SAE's sparsity rule, whose options read through: cfg.k is cfg.rule.k (set by the SAE).
+    rule: Sparsity | None = None
 
     @property
     def n_total(self) -> int:
         return self.n_latents
+
+    def __getattr__(self, name: str):  # reached only for names that are not fields
+        rule = self.__dict__.get("rule")
+        if rule is not None and name in rule.option_names():
+            return getattr(rule, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value):
+        rule = self.__dict__.get("rule")
+        object.__setattr__(rule if rule is not None and name in rule.option_names() else self, name, value)
 
     def __post_init__(self):
         for name in ("d_in", "n_latents", "dead_tokens"):
@@ -95,10 +111,12 @@ class SAEOutput:
 
 
 class SAE(nn.Module):
-    """Base class. Subclasses set `architecture`, `Config`, and implement `encode_code`."""
+    """Base class. Subclasses set `architecture`, `Config` (the decoder structure's options) and
+    `rules` (name -> sparsity rule; a structured Config's `sparsity` field names the default)."""
 
     architecture: ClassVar[str] = ""
     Config: ClassVar[type[SAEConfig]] = SAEConfig
+    rules: ClassVar[dict[str, type[Sparsity]]] = {}
     registry: ClassVar[dict[str, type[SAE]]] = ARCHITECTURES
 
     def __init_subclass__(cls, **kwargs):
@@ -106,16 +124,21 @@ class SAE(nn.Module):
         if cls.__dict__.get("architecture"):
             SAE.registry[cls.architecture] = cls
 
-    def __init__(self, d_in: int, n_latents: int, **options):
+    def __init__(self, d_in: int, n_latents: int, sparsity: Sparsity | str | None = None, **options):
         super().__init__()
-        known = {f.name for f in fields(self.Config)}
+        self.sparsity = self.make_sparsity(sparsity, options)  # takes the rule's options out of `options`
+        known = {f.name for f in fields(self.Config)} - {"d_in", "n_latents", "rule"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
                 f"{type(self).__name__} has no option {', '.join(unknown)}; "
-                f"options are {', '.join(sorted(known - {'d_in', 'n_latents'}))}"
+                f"options are {', '.join(sorted(known | set(self.sparsity.option_names())))}"
             )
-        self.cfg = self.Config(d_in=d_in, n_latents=n_latents, **options)
+        if "sparsity" in known:  # a structured config records the rule's name (cfg.json's "sparsity")
+            options["sparsity"] = self.sparsity.name
+        self.cfg = self.Config(d_in=d_in, n_latents=n_latents, rule=self.sparsity,
+                               **{**self.sparsity.sae_defaults, **options})
+        self.sparsity.check(self.cfg)
         # Stored (n, d)-major and viewed as (d, n): the sparse backward then reads and writes
         # whole latent columns as contiguous rows (see kernels/__init__.py).
         self.W_enc = nn.Parameter(torch.empty(self.n_total, d_in).t())
@@ -125,6 +148,54 @@ class SAE(nn.Module):
         self.reset_encoder()
         # Training-time state, saved in checkpoints but not in exported dictionaries.
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_total, dtype=torch.long))
+        self.sparsity.init(self)
+
+    @classmethod
+    def make_sparsity(cls, sparsity: Sparsity | str | None, options: dict) -> Sparsity:
+        """A copy of the rule `sparsity` is, or the rule it names (None: the default) built from its
+        options, which are taken out of `options`."""
+        if not isinstance(sparsity, Sparsity):
+            rule = cls.rule_class(sparsity)
+            return rule(**{name: options.pop(name) for name in rule.option_names() if name in options})
+        if type(sparsity) not in cls.rules.values():
+            raise OptionError("sparsity", f"must be one of {', '.join(cls.rules)}, got {sparsity!r}")
+        beside = sorted(set(options) & set(sparsity.option_names()))
+        if beside:
+            raise ValueError(f"{', '.join(beside)}: set inside sparsity={sparsity!r}, not beside it")
+        return replace(sparsity)
+
+    @classmethod
+    def rule_class(cls, name: str | None = None) -> type[Sparsity]:
+        """The sparsity rule `name` names among this architecture's; None: the default."""
+        if name is None:  # a structured config's `sparsity` field, else the one rule
+            name = {f.name: f.default for f in fields(cls.Config)}.get("sparsity") or next(iter(cls.rules))
+        if name not in cls.rules:
+            raise OptionError("sparsity", f"must be one of {', '.join(cls.rules)}, got {name!r}")
+        return cls.rules[name]
+
+    @classmethod
+    def options(cls, sparsity: str | None = None) -> dict[str, tuple[type, object, str]]:
+        """name -> (type, default, help) of every option under the rule `sparsity` (None: the
+        default): the SAE's, with the rule's SAE-level defaults, then the rule's (command lines)."""
+        rule = cls.rule_class(sparsity)
+        defaults = {"sparsity": rule.name, **rule.sae_defaults}
+        out = {}
+        for config in (cls.Config, rule):
+            hints = typing.get_type_hints(config)
+            for f in fields(config):
+                if f.name not in ("d_in", "n_latents", "rule"):
+                    default = f.default if f.default is not MISSING else f.default_factory()
+                    out[f.name] = (hints[f.name], defaults.get(f.name, default), f.metadata.get("help", ""))
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            rule = self.__dict__.get("sparsity")
+            if rule is not None and name in rule.derived:  # e.g. JumpReLU's threshold
+                return getattr(rule, name)(self)
+            raise
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -163,20 +234,18 @@ class SAE(nn.Module):
         """(n_total, d_in) decoder matrix; structured SAEs materialise it (export only)."""
         return self.W_dec
 
-    @classmethod
-    def resolve(cls, **options) -> type[SAE]:
-        """The concrete class these options build (structured SAEs pick one per sparsity rule)."""
-        return cls
-
     def config_dict(self) -> dict:
-        return asdict(self.cfg)
+        """The options as cfg.json and run records store them: flat, the SAE's then the rule's."""
+        options = asdict(self.cfg)
+        rule = options.pop("rule")
+        return {**options, **rule}
 
     # ---- forward ---------------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode_code(self, x: Tensor) -> Code:
-        raise NotImplementedError
+        return self.sparsity.encode_code(self, x)
 
     def encode(self, x: Tensor) -> Tensor:
         """x (B, d_in) -> dense codes (B, n_total), zeros where inactive."""
@@ -220,8 +289,8 @@ class SAE(nn.Module):
         return SAEOutput(x_hat, code, losses)
 
     def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
-        """Sparsity penalty ("sparsity") and auxiliary losses; none by default."""
-        return {}
+        """Sparsity penalty ("sparsity") and auxiliary losses: the rule's, and the structure's."""
+        return self.sparsity.losses(self, x, x_hat, code)
 
     def _check_input(self, x: Tensor):
         if x.ndim != 2 or x.shape[1] != self.d_in:
@@ -234,8 +303,8 @@ class SAE(nn.Module):
 
     def steer_l0_(self, log_error_step: float) -> bool:
         """L0 targeting: move toward the target by `log_error_step` (gain x log(L0 / target)) if
-        this architecture has its own lever; False leaves it to the sparsity coefficient."""
-        return False
+        the sparsity rule has its own lever; False leaves it to the sparsity coefficient."""
+        return self.sparsity.steer_l0_(self, log_error_step)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
@@ -282,7 +351,8 @@ class SAE(nn.Module):
 
     def export_state(self) -> dict[str, Tensor]:
         """Weights under SAELens keys, for sae_weights.safetensors."""
-        return {"W_enc": self.W_enc, "W_dec": self.flat_decoder(), "b_enc": self.b_enc, "b_dec": self.b_dec}
+        return {"W_enc": self.W_enc, "W_dec": self.flat_decoder(), "b_enc": self.b_enc, "b_dec": self.b_dec,
+                **self.sparsity.export_state(self)}
 
     # Structured SAEs name a second file for what a flat W_dec cannot hold (e.g. D and M_s).
     extra_weights_file: ClassVar[str | None] = None
@@ -296,6 +366,7 @@ class SAE(nn.Module):
         for name in ("W_enc", "b_enc", "b_dec"):
             getattr(self, name).copy_(state[name])
         self.load_decoder(state["W_dec"], extra)
+        self.sparsity.load_export_state(self, state)
 
     @torch.no_grad()
     def load_decoder(self, W_dec: Tensor, extra: dict[str, Tensor] | None):
@@ -303,30 +374,7 @@ class SAE(nn.Module):
 
     def saelens_fields(self) -> dict:
         """cfg.json fields SAELens needs to rebuild this SAE; {} when it has no equivalent."""
-        return {}
-
-
-class ComposedSAE(SAE):
-    """A structured family (binding, Matryoshka) whose sparsity rule is a standard architecture's.
-
-    Family(..., sparsity="topk") builds the family's concrete class for that rule, which inherits
-    the rule's encoding, penalties and export from the standard class instead of copying them.
-    """
-
-    rules: ClassVar[dict[str, type[SAE]]] = {}  # sparsity name -> concrete class, set by the family
-
-    def __new__(cls, *args, **options):
-        return super().__new__(cls.resolve(**options))
-
-    @classmethod
-    def resolve(cls, **options) -> type[SAE]:
-        if not cls.rules:
-            return cls
-        default = next(f.default for f in fields(cls.Config) if f.name == "sparsity")
-        sparsity = options.get("sparsity", default)
-        if sparsity not in cls.rules:
-            raise ValueError(f"sparsity must be one of {', '.join(cls.rules)}, got {sparsity!r}")
-        return cls.rules[sparsity]
+        return self.sparsity.saelens_fields(self)
 
 
 def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:

@@ -13,54 +13,55 @@ import torch
 from torch import Tensor
 
 from sae.core import kernels
-from sae.core.architectures.base import Code
+from sae.core.architectures.base import SAE, Code
+from sae.core.architectures.topk import TopK
 from sae.core.config import OptionError, option
-from sae.core.architectures.topk import TopKConfig, TopKFamily
 
 
 @dataclass
-class BatchTopKConfig(TopKConfig):
+class BatchTopK(TopK):
+    """BatchTopK(k=32, aux_k=0, aux_coeff=1/32, threshold_lr=0.01): B*k per batch, AuxK as TopK."""
+
+    name = "batchtopk"
     threshold_lr: float = option(0.01, "EMA rate of the inference threshold")
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check(self, cfg):
+        super().check(cfg)
         if not 0 < self.threshold_lr <= 1:
             raise OptionError("threshold_lr", f"must be in (0, 1], got {self.threshold_lr!r}")
 
-
-class BatchTopKSAE(TopKFamily):
-    architecture = "batchtopk"
-    Config = BatchTopKConfig
-
-    def __init__(self, d_in: int, n_latents: int, **options):
-        super().__init__(d_in, n_latents, **options)
+    def init(self, sae: SAE):
         # Kept in float64: EMA updates of a small number lose precision in lower ones.
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        sae.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
 
-    def encode_code(self, x: Tensor) -> Code:
-        if not self.training:
-            pre = self.pre_activations(x)
-            return Code(pre.relu() * (pre > self.threshold), None, self.n_total)
+    def encode_code(self, sae: SAE, x: Tensor) -> Code:
+        if not sae.training:
+            pre = sae.pre_activations(x)
+            return Code(pre.relu() * (pre > sae.threshold), None, sae.n_total)
         # Sparse (B, cap) codes: per-row candidates, zeroed outside the batch's top B*k.
-        values, indices = kernels.batch_topk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self.b_dec)
-        self._update_threshold(values.detach())
-        return Code(values, indices, self.n_total)
+        values, indices = kernels.batch_topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec)
+        self._update_threshold(sae, values.detach())
+        return Code(values, indices, sae.n_total)
 
     @torch.no_grad()
-    def _update_threshold(self, selected: Tensor):
+    def _update_threshold(self, sae: SAE, selected: Tensor):
         positive = selected[selected > 0]
         if positive.numel():
-            lr = self.cfg.threshold_lr
-            self.threshold.mul_(1 - lr).add_(lr * positive.min().double())
+            lr = self.threshold_lr
+            sae.threshold.mul_(1 - lr).add_(lr * positive.min().double())
 
-    def export_state(self) -> dict[str, Tensor]:
-        state = super().export_state()
-        state["threshold"] = torch.full_like(self.b_enc, float(self.threshold))
-        return state
+    def export_state(self, sae: SAE) -> dict[str, Tensor]:
+        return {"threshold": torch.full_like(sae.b_enc, float(sae.threshold))}
 
-    def load_export_state(self, state: dict[str, Tensor], extra: dict[str, Tensor] | None = None):
-        super().load_export_state(state, extra)
-        self.threshold.fill_(float(state["threshold"].max()))
+    def load_export_state(self, sae: SAE, state: dict[str, Tensor]):
+        sae.threshold.fill_(float(state["threshold"].max()))
 
-    def saelens_fields(self) -> dict:
+    def saelens_fields(self, sae: SAE) -> dict:
         return {"architecture": "jumprelu"}
+
+
+class BatchTopKSAE(SAE):
+    """BatchTopKSAE(d_in, n_latents, k=32, threshold_lr=0.01, ...): a flat dictionary, BatchTopK codes."""
+
+    architecture = "batchtopk"
+    rules = {"batchtopk": BatchTopK}

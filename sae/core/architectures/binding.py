@@ -3,9 +3,9 @@
     W_dec = [D; M_2 D; ...; M_S D]          x_hat = sum_s (z_s D) M_s^T + b_dec,   M_1 = I
 
 Codes split into S blocks of n latents (slot s owns latents s*n ... s*n + n - 1). The encoder is
-unconstrained (S*n latents) and the sparsity rule is any standard architecture's, reused by
-composition: BindingSAE(..., sparsity="topk") is a BindingSAE whose encoding and penalties come
-from TopKSAE. Decoding never materialises M_s D: S sparse decodes against D, then S - 1 d x d
+unconstrained (S*n latents) and the sparsity rule is a component, any of RULES:
+BindingSAE(..., sparsity=TopK(k=8)), or by name with flat options, BindingSAE(..., k=8).
+Decoding never materialises M_s D: S sparse decodes against D, then S - 1 d x d
 products (kernels.binding_decode). `slot_group_sizes` makes D a Matryoshka dictionary: every prefix
 of its atoms, in every slot, is trained to reconstruct on its own. See ../shared/binding.md for the
 idea and what is identifiable.
@@ -18,15 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from sae.core import kernels
-from sae.core.architectures.base import SAE, Code, ComposedSAE, SAEConfig
+from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.architectures.batchtopk import BatchTopK
+from sae.core.architectures.jumprelu import JumpReLU
+from sae.core.architectures.relu import ReLU
+from sae.core.architectures.topk import TopK, TopKPerSlot
 from sae.core.config import OptionError, option
-from sae.core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
-from sae.core.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE
-from sae.core.architectures.relu import ReLUConfig, ReLUSAE
-from sae.core.architectures.topk import TopKConfig, TopKSAE
 
 TRANSFORMS = ("orthogonal", "full", "identity")
 TRANSFORM_INITS = ("identity", "random_orthogonal", "near_identity")
+RULES = {rule.name: rule for rule in (TopK, TopKPerSlot, BatchTopK, ReLU, JumpReLU)}
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BindingConfig(SAEConfig):
     def __post_init__(self):
         if not isinstance(self.n_slots, int) or self.n_slots < 2:
             raise OptionError("n_slots", f"must be an integer >= 2, got {self.n_slots!r}")
-        for name, allowed in (("sparsity", RULES), ("slot_transform", TRANSFORMS), ("transform_init", TRANSFORM_INITS)):
+        for name, allowed in (("slot_transform", TRANSFORMS), ("transform_init", TRANSFORM_INITS)):
             if getattr(self, name) not in allowed:
                 raise OptionError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
@@ -55,11 +56,12 @@ class BindingConfig(SAEConfig):
                               f"got {groups}")
 
 
-class BindingSAE(ComposedSAE):
-    """BindingSAE(d_in, n_latents, n_slots=2, sparsity="topk", k=..., slot_transform=...)."""
+class BindingSAE(SAE):
+    """BindingSAE(d_in, n_latents, n_slots=2, sparsity=TopK(k=...), slot_transform=...)."""
 
     architecture = "binding"
     Config = BindingConfig
+    rules = RULES
 
     # ---- decoder structure ---------------------------------------------------------------------
     def init_decoder(self):
@@ -187,11 +189,6 @@ class BindingSAE(ComposedSAE):
         if not torch.allclose(self.flat_decoder(), W_dec.to(self.dictionary), rtol=1e-4, atol=1e-5):
             raise ValueError("W_dec in sae_weights.safetensors does not match the dictionary and slot transforms")
 
-    def saelens_fields(self) -> dict:
-        # A flat dictionary with the same codes exists for every rule but per-slot TopK.
-        fields = RULE_BASES[self.cfg.sparsity].saelens_fields(self)
-        return fields or {"architecture": "binding_topk_per_slot"}
-
 
 def initial_transforms(kind: str, n: int, d: int) -> Tensor:
     if kind == "identity":
@@ -200,70 +197,3 @@ def initial_transforms(kind: str, n: int, d: int) -> Tensor:
         q, r = torch.linalg.qr(torch.randn(n, d, d))
         return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]  # Haar-distributed
     return torch.eye(d) + 0.01 * torch.randn(n, d, d)  # near_identity
-
-
-# ---- one concrete class per sparsity rule ----------------------------------------------------------
-# The rule's config comes first so its defaults (e.g. ReLU's unconstrained decoder) win.
-@dataclass
-class BindingTopKConfig(TopKConfig, BindingConfig):
-    pass
-
-
-@dataclass
-class BindingBatchTopKConfig(BatchTopKConfig, BindingConfig):
-    pass
-
-
-@dataclass
-class BindingReLUConfig(ReLUConfig, BindingConfig):
-    pass
-
-
-@dataclass
-class BindingJumpReLUConfig(JumpReLUConfig, BindingConfig):
-    pass
-
-
-class BindingTopKSAE(BindingSAE, TopKSAE):
-    Config = BindingTopKConfig
-
-
-class BindingTopKPerSlotSAE(BindingSAE, TopKSAE):
-    """k active latents in every slot: each slot holds exactly one object's worth of features."""
-
-    Config = BindingTopKConfig
-
-    def encode_code(self, x: Tensor) -> Code:
-        cfg = self.cfg
-        if cfg.k > cfg.n_latents:
-            raise ValueError(f"topk_per_slot needs k <= n_latents ({cfg.n_latents}), got {cfg.k}")
-        values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, cfg.k, b_dec=self.b_dec, groups=cfg.n_slots)
-        return Code(values, indices, self.n_total)
-
-    def saelens_fields(self) -> dict:
-        return {"architecture": "binding_topk_per_slot"}
-
-
-class BindingBatchTopKSAE(BindingSAE, BatchTopKSAE):
-    Config = BindingBatchTopKConfig
-
-
-class BindingReLUSAE(BindingSAE, ReLUSAE):
-    Config = BindingReLUConfig
-
-
-class BindingJumpReLUSAE(BindingSAE, JumpReLUSAE):
-    Config = BindingJumpReLUConfig
-
-
-RULES: dict[str, type[BindingSAE]] = {
-    "topk": BindingTopKSAE,
-    "topk_per_slot": BindingTopKPerSlotSAE,
-    "batchtopk": BindingBatchTopKSAE,
-    "relu": BindingReLUSAE,
-    "jumprelu": BindingJumpReLUSAE,
-}
-BindingSAE.rules = RULES
-RULE_BASES: dict[str, type[SAE]] = {
-    "topk": TopKSAE, "topk_per_slot": TopKSAE, "batchtopk": BatchTopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
-}

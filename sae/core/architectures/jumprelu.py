@@ -13,26 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.architectures.base import SAE, Code
+from sae.core.architectures.sparsity import Sparsity
 from sae.core.config import OptionError, option
-
-
-@dataclass
-class JumpReLUConfig(SAEConfig):
-    l0_coeff: float = option(0.1, "weight of the L0 penalty")
-    bandwidth: float = option(0.05, "width of the rectangle kernel of the threshold's pseudo-gradient")
-    # Pre-activations are O(1) once activations are scaled to E||x|| = sqrt(d_in); a log-threshold
-    # starting at 0.01 needs thousands of steps to climb (measured: L0 20.9 vs 13.7 after 300 steps
-    # on tests/test_trainer.sparse_data, the same L0 after 1500).
-    init_threshold: float = option(0.1, "initial threshold")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.l0_coeff < 0:
-            raise OptionError("l0_coeff", f"must be >= 0, got {self.l0_coeff!r}")
-        for name in ("bandwidth", "init_threshold"):
-            if not getattr(self, name) > 0:
-                raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
 
 
 def _near_threshold(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -70,45 +53,64 @@ class StepFunction(torch.autograd.Function):
         return None, -(_near_threshold(pre, threshold, ctx.bandwidth) * grad).sum(0), None
 
 
-class JumpReLUSAE(SAE):
-    architecture = "jumprelu"
-    Config = JumpReLUConfig
+@dataclass
+class JumpReLU(Sparsity):
+    """JumpReLU(l0_coeff=0.1, bandwidth=0.05, init_threshold=0.1): learned thresholds, L0 penalty."""
 
-    def __init__(self, d_in: int, n_latents: int, **options):
-        super().__init__(d_in, n_latents, **options)
-        self.log_threshold = nn.Parameter(torch.full((self.n_total,), math.log(self.cfg.init_threshold)))
+    name = "jumprelu"
+    derived = ("threshold",)
+    l0_coeff: float = option(0.1, "weight of the L0 penalty")
+    bandwidth: float = option(0.05, "width of the rectangle kernel of the threshold's pseudo-gradient")
+    # Pre-activations are O(1) once activations are scaled to E||x|| = sqrt(d_in); a log-threshold
+    # starting at 0.01 needs thousands of steps to climb (measured: L0 20.9 vs 13.7 after 300 steps
+    # on tests/test_trainer.sparse_data, the same L0 after 1500).
+    init_threshold: float = option(0.1, "initial threshold")
 
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.float().exp()
+    def check(self, cfg):
+        if self.l0_coeff < 0:
+            raise OptionError("l0_coeff", f"must be >= 0, got {self.l0_coeff!r}")
+        for name in ("bandwidth", "init_threshold"):
+            if not getattr(self, name) > 0:
+                raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
 
-    def encode_code(self, x: Tensor) -> Code:
-        pre = self.pre_activations(x).float()  # the threshold comparison is done in fp32
-        threshold = self.threshold
-        codes = JumpReLUFunction.apply(pre, threshold, self.cfg.bandwidth)
-        l0 = StepFunction.apply(pre, threshold, self.cfg.bandwidth).sum(-1).mean()
-        return Code(codes, None, self.n_total, extras={"l0": l0})
+    def init(self, sae: SAE):
+        sae.log_threshold = nn.Parameter(torch.full((sae.n_total,), math.log(self.init_threshold)))
 
-    def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
-        return {"sparsity": self.cfg.l0_coeff * code.extras["l0"]}
+    def threshold(self, sae: SAE) -> Tensor:
+        return sae.log_threshold.float().exp()
+
+    def encode_code(self, sae: SAE, x: Tensor) -> Code:
+        pre = sae.pre_activations(x).float()  # the threshold comparison is done in fp32
+        threshold = self.threshold(sae)
+        codes = JumpReLUFunction.apply(pre, threshold, self.bandwidth)
+        l0 = StepFunction.apply(pre, threshold, self.bandwidth).sum(-1).mean()
+        return Code(codes, None, sae.n_total, extras={"l0": l0})
+
+    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+        return {"sparsity": self.l0_coeff * code.extras["l0"]}
 
     @torch.no_grad()
-    def steer_l0_(self, log_error_step: float) -> bool:
+    def steer_l0_(self, sae: SAE, log_error_step: float) -> bool:
         # L0 targeting moves the thresholds themselves. Turning the penalty's coefficient instead
         # winds up without end: Adam caps the thresholds' step at ~lr per step however large the
         # coefficient, and the rectangle kernel gives no gradient once theta leaves the bulk
         # (measured: multiplier 2.7e9 with L0 off by 98%; moving log theta lands within 3%,
         # sae/eval/defaults_study.py "steering").
-        self.log_threshold.add_(log_error_step)
+        sae.log_threshold.add_(log_error_step)
         return True
 
-    def export_state(self) -> dict[str, Tensor]:
-        return {**super().export_state(), "threshold": self.threshold}
+    def export_state(self, sae: SAE) -> dict[str, Tensor]:
+        return {"threshold": self.threshold(sae)}
 
-    def load_export_state(self, state: dict[str, Tensor], extra: dict[str, Tensor] | None = None):
-        super().load_export_state(state, extra)
-        with torch.no_grad():
-            self.log_threshold.copy_(state["threshold"].float().clamp_min(1e-12).log())
+    def load_export_state(self, sae: SAE, state: dict[str, Tensor]):
+        sae.log_threshold.copy_(state["threshold"].float().clamp_min(1e-12).log())
 
-    def saelens_fields(self) -> dict:
+    def saelens_fields(self, sae: SAE) -> dict:
         return {"architecture": "jumprelu"}
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLUSAE(d_in, n_latents, l0_coeff=0.1, ...): a flat dictionary, JumpReLU codes."""
+
+    architecture = "jumprelu"
+    rules = {"jumprelu": JumpReLU}

@@ -2,8 +2,9 @@
 
 The latents are split into groups; every prefix (group 1, groups 1-2, ...) must reconstruct x on
 its own. Early latents are pushed to carry general features and later ones refinements, which
-counters feature absorption. The sparsity rule (TopK or BatchTopK) is the standard class's.
-Extra cost: one masked sparse decode per proper prefix.
+counters feature absorption. The sparsity rule is a component, TopK or BatchTopK:
+MatryoshkaSAE(..., sparsity=BatchTopK(k=8)), or by name with flat options. Extra cost: one masked
+sparse decode per proper prefix.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from sae.core.architectures.base import Code, ComposedSAE, SAEConfig
-from sae.core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae.core.architectures.base import SAE, Code, SAEConfig
+from sae.core.architectures.batchtopk import BatchTopK
+from sae.core.architectures.topk import TopK
 from sae.core.config import OptionError
-from sae.core.architectures.topk import TopKConfig, TopKSAE
 
 
 @dataclass
@@ -44,11 +45,12 @@ class MatryoshkaConfig(SAEConfig):
         return out
 
 
-class MatryoshkaSAE(ComposedSAE):
-    """MatryoshkaSAE(d_in, n_latents, group_sizes=[...], sparsity="batchtopk", k=...)."""
+class MatryoshkaSAE(SAE):
+    """MatryoshkaSAE(d_in, n_latents, group_sizes=[...], sparsity=BatchTopK(k=...))."""
 
     architecture = "matryoshka"
     Config = MatryoshkaConfig
+    rules = {"topk": TopK, "batchtopk": BatchTopK}
 
     def extra_losses(self, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
         losses = super().extra_losses(x, x_hat, code)
@@ -62,24 +64,3 @@ class MatryoshkaSAE(ComposedSAE):
         if code.is_sparse:
             return self.decode_sparse(code.values * (code.indices < prefix), code.indices) + self.b_dec
         return code.values[:, :prefix] @ self.W_dec[:prefix] + self.b_dec
-
-
-@dataclass
-class MatryoshkaTopKConfig(TopKConfig, MatryoshkaConfig):
-    pass
-
-
-@dataclass
-class MatryoshkaBatchTopKConfig(BatchTopKConfig, MatryoshkaConfig):
-    pass
-
-
-class MatryoshkaTopKSAE(MatryoshkaSAE, TopKSAE):
-    Config = MatryoshkaTopKConfig
-
-
-class MatryoshkaBatchTopKSAE(MatryoshkaSAE, BatchTopKSAE):
-    Config = MatryoshkaBatchTopKConfig
-
-
-MatryoshkaSAE.rules = {"topk": MatryoshkaTopKSAE, "batchtopk": MatryoshkaBatchTopKSAE}

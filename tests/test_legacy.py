@@ -1,0 +1,102 @@
+"""What earlier code wrote and computed still holds (fixtures: tests/data/legacy_dictionaries, made
+at commit d32c068, before sparsity rules became components): its saved dictionaries load with the
+same codes and reconstructions and save back to the same files; a seed gives the same initial
+weights under the same parameter names and order (checkpoints resume, runs reproduce); a training
+step gives the same losses and gradients; the binding recipe's split phase starts where it did."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sae
+
+HERE = Path(__file__).resolve().parent / "data" / "legacy_dictionaries"
+_spec = importlib.util.spec_from_file_location("legacy_fixtures", HERE / "make_fixtures.py")
+fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixtures)
+CASES = json.loads((HERE / "cases.json").read_text())
+BINDING = [case for case, entry in CASES.items() if entry["architecture"] == "binding"]
+
+
+def test_the_fixtures_cover_every_architecture_and_rule():
+    assert set(CASES) == set(fixtures.CASES)
+    rules = {(entry["architecture"], entry["config_dict"].get("sparsity", entry["architecture"]))
+             for entry in CASES.values()}
+    expected = {(arch, arch) for arch in ("topk", "batchtopk", "relu", "jumprelu")}
+    expected |= {("binding", rule) for rule in sae.BindingSAE.rules}
+    expected |= {("matryoshka", rule) for rule in sae.MatryoshkaSAE.rules}
+    assert rules == expected
+
+
+def same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saved_dictionaries_load_with_the_same_outputs_and_save_back_the_same(case, tmp_path):
+    model = sae.load(HERE / case)
+    expected = load_file(str(HERE / f"{case}.outputs.safetensors"))
+    with torch.no_grad():
+        out = model(expected["x"])
+    assert torch.equal(out.codes > 0, expected["codes"] > 0)
+    same(out.codes, expected["codes"])
+    same(out.x_hat, expected["x_hat"])
+    same(model.encode(expected["x"]), expected["codes"])
+    saved = json.loads((HERE / case / "cfg.json").read_text())
+    assert model.architecture == saved["sae"]["architecture"]
+    assert model.config_dict() == saved["sae"]["config"]
+    model.save(tmp_path / "again")
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in (HERE / case).iterdir())
+    assert json.loads((tmp_path / "again" / "cfg.json").read_text()) == saved
+    for file in (HERE / case).glob("*.safetensors"):
+        before, after = load_file(str(file)), load_file(str(tmp_path / "again" / file.name))
+        assert before.keys() == after.keys()
+        for name in before:
+            same(after[name], before[name])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_seed_gives_the_initial_weights_of_before(case):
+    entry = CASES[case]
+    model = fixtures.initial_model(case)
+    assert list(model.state_dict()) == entry["state_dict_keys"]
+    assert [name for name, _ in model.named_parameters()] == entry["parameters"]
+    expected = load_file(str(HERE / f"{case}.init.safetensors"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert model.config_dict() == entry["config_dict"]
+    assert model.saelens_fields() == entry["saelens_fields"]
+    # the same model from a rule object: sparsity=TopK(k=3) instead of sparsity="topk", k=3
+    rule = model.sparsity
+    options = {k: v for k, v in entry["options"].items() if k != "sparsity" and k not in rule.option_names()}
+    torch.manual_seed(0)
+    again = sae.SAE.registry[entry["architecture"]](fixtures.D_IN, fixtures.N, sparsity=type(rule)(**vars(rule)),
+                                                    **options)
+    assert again.cfg == model.cfg and again.config_dict() == entry["config_dict"]
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_training_step_computes_what_it_did(case):
+    step, info = fixtures.training_step(case)
+    expected = load_file(str(HERE / f"{case}.step.safetensors"))
+    assert info == {"steers_l0": CASES[case]["steers_l0"], "loss_keys": CASES[case]["loss_keys"]}
+    assert step.keys() == expected.keys()
+    for name in expected:
+        same(step[name], expected[name])
+
+
+@pytest.mark.parametrize("case", BINDING)
+def test_the_split_phase_builds_the_standard_sae_it_did(case):
+    split = fixtures.split_model(case)
+    assert split.architecture == CASES[case]["split"]["architecture"]
+    assert split.config_dict() == CASES[case]["split"]["config_dict"]
+    expected = load_file(str(HERE / f"{case}.split.safetensors"))
+    assert set(split.state_dict()) == set(expected)
+    for name, value in split.state_dict().items():
+        assert torch.equal(value, expected[name]), name
