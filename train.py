@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
+import itertools
+import re
 import shlex
 import sys
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +28,7 @@ import sae
 from sae.core.architectures.base import SAE
 from sae.core.config import HelpFormatter, OptionError, add_option, add_options, from_args
 from sae.core.files import describe_os_error
-from sae.core.store import make_store
+from sae.core.store import open_cache
 from sae.core.trainer import TrainingStopped
 from sae.lm.cache import CacheConfig, write_cache
 
@@ -47,15 +52,20 @@ def model_option_table() -> dict[str, dict[str, object]]:
 
 def build_train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a sparse autoencoder. With no arguments: the built-in default job. "
-                    "`python train.py cache --help` for writing activation caches.",
+        description="Train a sparse autoencoder, or a set of them from one pass over the data (several "
+                    "--hook patterns or option values: every combination is trained). With no arguments: the "
+                    "built-in default job. `python train.py cache --help` for writing activation caches.",
         formatter_class=HelpFormatter)
-    run = parser.add_argument_group("data and model")
+    run = parser.add_argument_group("data and model (several values: a set, one dictionary per combination)")
     run.add_argument("--data", default="", help=f"activation cache directory ('' = built-in scenes cache, "
                                                 f"written to {DEFAULT_CACHE} if absent)")
-    run.add_argument("--arch", default=DEFAULT_JOB["arch"], choices=sorted(SAE.registry), help="architecture")
-    run.add_argument("--n-latents", type=int, default=0, help="dictionary size (0 = expansion-factor * d_in)")
-    run.add_argument("--expansion-factor", type=int, default=DEFAULT_JOB["expansion_factor"],
+    run.add_argument("--hook", nargs="+", default=[],
+                     help="hooks to train on: names, globs (blocks.*.hook_resid_post) or ranges "
+                          "(blocks.{0..3}.hook_resid_post); default: the cache's only hook")
+    run.add_argument("--arch", nargs="+", default=[DEFAULT_JOB["arch"]], choices=sorted(SAE.registry),
+                     help="architecture")
+    run.add_argument("--n-latents", nargs="+", type=int, default=[0], help="dictionary size (0 = expansion-factor * d_in)")
+    run.add_argument("--expansion-factor", nargs="+", type=int, default=[DEFAULT_JOB["expansion_factor"]],
                      help="dictionary size as a multiple of d_in, when --n-latents is 0")
     add_threads_option(run)
     arch = parser.add_argument_group("architecture options (default: the architecture's own, with its sparsity rule's)")
@@ -68,9 +78,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         shown = ", ".join(f"{a}={d}" for a, d in defaults.items())
         job_default = DEFAULT_JOB.get(name)
         text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
-        add_option(arch, name, kind, None, text)  # None: the architecture's own default
-    training = parser.add_argument_group("training (sae.TrainConfig)")
-    add_options(training, sae.TrainConfig, defaults=DEFAULT_JOB)
+        add_option(arch, name, kind, None, text, several=True)  # None: the architecture's own default
+    training = parser.add_argument_group("training (sae.TrainConfig, shared by every dictionary of a set)")
+    add_options(training, sae.TrainConfig, defaults=DEFAULT_JOB, skip=("hook",))
     return parser
 
 
@@ -86,27 +96,107 @@ def set_threads(n: int):
         torch.set_num_threads(n)
 
 
-def build_sae(args, d_in: int) -> SAE:
-    cls = SAE.registry[args.arch]
+@dataclass
+class Planned:
+    """One dictionary of the run: its name in a set, and how to build it."""
+
+    name: str
+    arch: str
+    hook: str
+    size: tuple[int, int]  # (n_latents, expansion_factor)
+    options: dict
+
+
+def plan_dictionaries(args, hooks: list[str]) -> list[Planned]:
+    """Every combination of the hooks, architectures, sizes and option values asked for. A set's
+    names show only what varies (blocks.1.hook_resid_post-k32), so its folders read as the sweep."""
+    for name in ("arch", "n_latents", "expansion_factor", *model_option_table()):
+        refuse_repeats(name, getattr(args, name))
+    sizes = [(n, e) for n in args.n_latents for e in args.expansion_factor]
+    swept = {name: values for name in model_option_table() if len(values := (getattr(args, name) or [])) > 1}
+    plans = []
+    for hook, arch, size in itertools.product(hooks, args.arch, sizes):
+        options = arch_options(args, arch)
+        keys = sorted(options)
+        for values in itertools.product(*(options[k] for k in keys)):
+            chosen = dict(zip(keys, values))
+            parts = ([hook] if len(hooks) > 1 else []) + ([arch] if len(args.arch) > 1 else [])
+            parts += [f"n{size[0]}" if len(args.n_latents) > 1 else "", f"x{size[1]}" if len(args.expansion_factor) > 1 else ""]
+            parts += [f"{k}{chosen[k]}" for k in keys if k in swept]
+            plans.append(Planned("-".join(p for p in parts if p), arch, hook, size, chosen))
+    for name in model_option_table():  # an option given must apply to at least one architecture asked for
+        if getattr(args, name) is not None and not any(name in p.options for p in plans):
+            raise OptionError(name, f"applies to none of --arch {' '.join(args.arch)}")
+    return plans
+
+
+def refuse_repeats(name: str, values):
+    if isinstance(values, list) and len(values) != len(set(map(str, values))):
+        repeated = next(v for v in values if values.count(v) > 1)
+        raise OptionError(name, f"lists {repeated} twice")
+
+
+def arch_options(args, arch: str) -> dict[str, list]:
+    """Option name -> values for one architecture; refuses options it does not take when it is the
+    only architecture asked for (with several, each takes the options that apply to it)."""
+    cls = SAE.registry[arch]
     structured = "sparsity" in cls.options()  # a structure that takes any of several sparsity rules
-    rule = cls.rule_class(args.sparsity if structured else None)
+    sparsity = (getattr(args, "sparsity") or [None])[0] if structured else None
+    rule = cls.rule_class(sparsity)
     applicable = cls.options(rule.name)
-    where = f"--arch {args.arch} ({cls.__name__}" + (f" with sparsity {rule.name})" if structured else ")")
+    where = f"--arch {arch} ({cls.__name__}" + (f" with sparsity {rule.name})" if structured else ")")
     options = {}
     for name in model_option_table():
-        value = getattr(args, name)
-        if value is None:
-            value = DEFAULT_JOB.get(name) if name in applicable else None
-        if value is None:
+        values = getattr(args, name)
+        if values is None and name in applicable and name in DEFAULT_JOB:
+            values = [DEFAULT_JOB[name]]
+        if values is None:
             continue
         if name not in applicable:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to {where}")
-        options[name] = value
-    if args.n_latents < 0:
-        raise OptionError("n_latents", f"must be >= 0 (0 = --expansion-factor * d_in), got {args.n_latents}")
-    if not args.n_latents and args.expansion_factor <= 0:
-        raise OptionError("expansion_factor", f"must be a positive integer, got {args.expansion_factor}")
-    return cls(d_in, args.n_latents or args.expansion_factor * d_in, **options)
+            if len(args.arch) == 1:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to {where}")
+            continue
+        options[name] = values if isinstance(values, list) and not is_list_option(name) else [values]
+    return options
+
+
+def is_list_option(name: str) -> bool:
+    """Options whose one value is a list (group sizes): not swept."""
+    return any(typing.get_origin(kind) is list for cls in SAE.registry.values()
+               for n, (kind, _, _) in cls.options().items() if n == name)
+
+
+def build_sae(plan: Planned, d_in: int) -> SAE:
+    n_latents, expansion = plan.size
+    if n_latents < 0:
+        raise OptionError("n_latents", f"must be >= 0 (0 = --expansion-factor * d_in), got {n_latents}")
+    if not n_latents and expansion <= 0:
+        raise OptionError("expansion_factor", f"must be a positive integer, got {expansion}")
+    return SAE.registry[plan.arch](d_in, n_latents or expansion * d_in, **plan.options)
+
+
+def expand_hooks(patterns: list[str], available: list[str], where: str) -> list[str]:
+    """Hook names from names, globs and {a..b} ranges, in the order asked, each once."""
+    if not patterns:
+        if len(available) > 1:
+            raise OptionError("hook", f"is needed: {where} holds several hooks ({', '.join(available)})")
+        return list(available)
+    found = []
+    for pattern in patterns:
+        matches = [h for p in expand_ranges(pattern) for h in available if fnmatch.fnmatchcase(h, p)]
+        if not matches:
+            raise OptionError("hook", f"{pattern} matches no hook of {where} (it holds {', '.join(available)})")
+        found += [h for h in matches if h not in found]
+    return found
+
+
+def expand_ranges(pattern: str) -> list[str]:
+    """blocks.{0..2}.x -> blocks.0.x, blocks.1.x, blocks.2.x (one range per pattern)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = int(m.group(1)), int(m.group(2))
+    return [pattern[: m.start()] + str(i) + pattern[m.end():] for i in range(lo, hi + 1)]
 
 
 def ensure_default_cache() -> Path:
@@ -120,29 +210,38 @@ def run_training(argv) -> int:
     args = build_train_parser().parse_args(argv)
     set_threads(args.threads)
     data = Path(args.data) if args.data else ensure_default_cache()
-    # Read the manifest once for d_in and names (full checksums are verified by the trainer's reader).
-    probe = make_store(str(data), batch_size=1, hook=args.hook or None, verify=False)
-    info = {"d_in": probe.d_in, "hook": probe.hook}
-    torch.manual_seed(args.seed)  # the SAE's initialisation is part of the run
-    model = build_sae(args, info["d_in"])
-    train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig)}
+    # Read the manifest for hook names and widths (full checksums are verified by the trainer's reader).
+    cache = open_cache(str(data), verify=False)
+    plans = plan_dictionaries(args, expand_hooks(args.hook, cache.hook_names, str(data)))
+    train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig) if f.name != "hook"}
     if not train_options["run_dir"]:
-        train_options["run_dir"] = str(Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"{type(model).__name__}: d_in={model.d_in}, n_latents={model.n_latents}, "
-          f"data={data} ({info['hook']}), run_dir={train_options['run_dir']}")
+        what = args.arch[0] if len(plans) == 1 else "set"
+        train_options["run_dir"] = str(Path("runs") / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}")
+    models = {}
+    for plan in plans:
+        torch.manual_seed(args.seed)  # each dictionary starts as it would alone: its initialisation is part of the run
+        models[plan.name] = build_sae(plan, cache.d_in(plan.hook))
     start = time.time()
-    result = sae.train(model, str(data), **train_options)  # model and hook names come from the cache
-    print_metrics(result.metrics)
-    print(f"done in {time.time() - start:.0f} s; dictionary saved to {result.run_dir / 'sae'} "
-          f"(load with sae.load('{result.run_dir / 'sae'}'))")
+    if len(plans) == 1:
+        model = models[plans[0].name]
+        print(f"{type(model).__name__}: d_in={model.d_in}, n_latents={model.n_latents}, "
+              f"data={data} ({plans[0].hook}), run_dir={train_options['run_dir']}")
+        results = {"": sae.train(model, str(data), hook=plans[0].hook, **train_options)}
+    else:
+        print(f"{len(plans)} dictionaries from one pass over {data}: {', '.join(models)}; run_dir={train_options['run_dir']}")
+        results = sae.train_many(models, str(data), hooks={p.name: p.hook for p in plans}, **train_options)
+    for name, result in results.items():
+        print_metrics(result.metrics, name)
+        print(f"dictionary saved to {result.run_dir / 'sae'} (load with sae.load('{result.run_dir / 'sae'}'))")
+    print(f"done in {time.time() - start:.0f} s")
     return 0
 
 
-def print_metrics(metrics: dict):
+def print_metrics(metrics: dict, name: str = ""):
     keys = ["fvu", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "l1", "dead_share", "dense_share"]
     width = max(map(len, keys))
-    print(f"end-of-run metrics over {metrics['tokens']} activations of the {metrics['data_rows']} in the data "
-          "(eval mode, raw activations):")
+    print(f"{name + ': ' if name else ''}end-of-run metrics over {metrics['tokens']} activations of the "
+          f"{metrics['data_rows']} in the data (eval mode, raw activations):")
     for key in keys:
         print(f"  {key:<{width}}  {metrics[key]:.4g}")
 

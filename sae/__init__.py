@@ -25,8 +25,8 @@ from sae.core.architectures.sparsity import Sparsity
 from sae.core.architectures.topk import TopK, TopKPerSlot, TopKSAE
 from sae.core.io import load, save
 from sae.core.trainer import TrainConfig, TrainResult
-from sae.recipes.training import train
+from sae.recipes.training import train, train_many
 
 __all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE",
            "MatryoshkaSAE", "Sparsity", "TopK", "TopKPerSlot", "BatchTopK", "ReLU", "JumpReLU",
-           "load", "save", "train", "TrainConfig", "TrainResult"]
+           "load", "save", "train", "train_many", "TrainConfig", "TrainResult"]

@@ -61,14 +61,15 @@ def add_options(parser, cls, defaults: dict | None = None, skip=()) -> None:
                        f.metadata.get("help", ""))
 
 
-def add_option(parser, name: str, kind, default, help_text: str) -> None:
-    """One --flag for a field `name` of type `kind` (see add_options)."""
+def add_option(parser, name: str, kind, default, help_text: str, several: bool = False) -> None:
+    """One --flag for a field `name` of type `kind` (see add_options); `several`: the flag takes
+    one or more values (a sweep), parsed as a list."""
     if kind is bool:
         parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
     elif typing.get_origin(kind) is list:
         parser.add_argument(flag(name), nargs="+", type=typing.get_args(kind)[0], default=default, help=help_text)
     else:
-        parser.add_argument(flag(name), type=kind, default=default, help=help_text)
+        parser.add_argument(flag(name), type=kind, default=default, help=help_text, nargs="+" if several else None)
 
 
 def from_args(cls, args: argparse.Namespace, **overrides):

@@ -189,20 +189,25 @@ def load_sparsity(path: str | os.PathLike) -> Tensor | None:
 
 
 # ---- training checkpoints ---------------------------------------------------------------------
-def save_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer, state: dict,
+def save_checkpoint(path: Path, parts: dict[str, tuple[SAE, torch.optim.Optimizer]], state: dict,
                     tensors: dict[str, Tensor]):
-    """A checkpoint directory: model + optimizer tensors (safetensors) and trainer state (JSON).
-
-    `state` is JSON-serialisable trainer state; `tensors` holds extra tensors such as RNG states.
+    """A checkpoint directory: every part's model + optimizer tensors (one safetensors file, keys
+    under each part's prefix: "" for a run of one dictionary, "name/" in a set) and the trainer
+    state (JSON). `state` is JSON-serialisable; `tensors` holds extra tensors such as RNG states.
     """
-    opt_state = optimizer.state_dict()
-    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for idx, per_param in opt_state["state"].items():
-        for name, value in per_param.items():
-            flat[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    flat, groups = {}, {}
+    for prefix, (model, optimizer) in parts.items():
+        opt_state = optimizer.state_dict()
+        flat.update({f"{prefix}model.{k}": v for k, v in model.state_dict().items()})
+        for idx, per_param in opt_state["state"].items():
+            for name, value in per_param.items():
+                flat[f"{prefix}optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        groups[prefix] = opt_state["param_groups"]
     flat.update({f"extra.{k}": v for k, v in tensors.items()})
     flat = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
-    meta = {"format_version": FORMAT_VERSION, "state": state, "optimizer_groups": opt_state["param_groups"]}
+    meta = {"format_version": FORMAT_VERSION, "state": state,
+            # one dictionary: the layout every checkpoint had before sets existed
+            "optimizer_groups": groups[""] if list(groups) == [""] else groups}
     with files.replacing_dir(path, "checkpoint", is_checkpoint) as tmp:
         save_file(flat, str(tmp / "tensors.safetensors"))
         write_json(tmp / "trainer.json", meta)  # written last: its presence marks a complete checkpoint
@@ -212,20 +217,22 @@ def is_checkpoint(path: Path) -> bool:
     return files.only_files(path, ("tensors.safetensors", "trainer.json"))
 
 
-def load_checkpoint(path: Path, model: SAE, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, Tensor]]:
-    """Restore model and optimizer in place; return (trainer state, extra tensors)."""
+def load_checkpoint(path: Path, parts: dict[str, tuple[SAE, torch.optim.Optimizer]]) -> tuple[dict, dict[str, Tensor]]:
+    """Restore every part's model and optimizer in place; return (trainer state, extra tensors)."""
     meta = read_json(path / "trainer.json")
     flat = read_safetensors(path / "tensors.safetensors")
-    model_state = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        raise LoadError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0]})") from None
-    per_param: dict[int, dict] = {}
-    for key, value in flat.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            per_param.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer_groups"]})
+    groups = meta["optimizer_groups"] if list(parts) != [""] else {"": meta["optimizer_groups"]}
+    for prefix, (model, optimizer) in parts.items():
+        model_state = {k[len(prefix) + 6:]: v for k, v in flat.items() if k.startswith(f"{prefix}model.")}
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as e:
+            raise LoadError(f"{path}: checkpoint does not fit {prefix or 'this model'} ({str(e).splitlines()[0]})") from None
+        per_param: dict[int, dict] = {}
+        for key, value in flat.items():
+            if key.startswith(f"{prefix}optim."):
+                _, idx, name = key[len(prefix):].split(".", 2)
+                per_param.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups[prefix]})
     extras = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
     return meta["state"], extras

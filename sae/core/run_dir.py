@@ -33,12 +33,15 @@ RECORD_KEYS = ("train", "architecture", "model", "data")
 
 
 def is_run(path: Path) -> bool:
-    """An earlier run this library wrote (a folder it may write into again)."""
+    """An earlier run this library wrote (a folder it may write into again): one dictionary's, a
+    set's, or a binding recipe's that has only reached its phases."""
     try:
         record = json.loads((path / "config.json").read_text())
-        return isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
     except (OSError, ValueError):
         return (path / "phases").is_dir() and files.only_files(path, ("phases",))
+    if not isinstance(record, dict) or "train" not in record:
+        return False
+    return "members" in record or all(k in record for k in RECORD_KEYS)
 
 
 def describe_data(data, hook: str) -> dict:
@@ -53,10 +56,12 @@ def describe_data(data, hook: str) -> dict:
 
 
 class RunDir:
-    """One run folder, locked from `open` to `close`."""
+    """One run folder, locked from `open` to `close`. `dictionaries` are the folders its
+    dictionaries are written to (the run folder itself, or one sub-folder per member of a set)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, dictionaries: list[Path] | None = None):
         self.path = Path(path)
+        self.dictionaries = dictionaries or [self.path]
         self.lock = files.DirLock(self.path, "a training run", hint=" or choose another run_dir")
 
     # ---- opening -----------------------------------------------------------------------------
@@ -73,7 +78,8 @@ class RunDir:
 
     def _prepare(self, record: dict, resume: bool) -> Path | None:
         state = files.check_output_dir(self.path, "training run", is_run)  # again, now that we hold it
-        files.check_output_dir(self.path / "sae", "dictionary", io.is_dictionary)
+        for folder in self.dictionaries:
+            files.check_output_dir(folder / "sae", "dictionary", io.is_dictionary)
         checkpoint = self.latest_checkpoint() if state == "previous" else None
         if checkpoint is not None:
             if not resume:
@@ -84,7 +90,9 @@ class RunDir:
             return checkpoint
         if resume or (self.path / "config.json").exists():
             print(f"{self.path}: no checkpoint to resume from; starting the run afresh", file=sys.stderr)
-        (self.path / "log.jsonl").unlink(missing_ok=True)  # lines of a run that never reached a checkpoint
+        for folder in self.dictionaries:
+            files.make_dirs(folder)
+            (folder / "log.jsonl").unlink(missing_ok=True)  # lines of a run that never reached a checkpoint
         io.write_json(self.path / "config.json", record)
         return None
 
@@ -93,7 +101,11 @@ class RunDir:
 
     def check_same_run(self, record: dict):
         saved = io.read_json(self.path / "config.json")
-        differences = [section for section in ("architecture", "model", "data") if saved.get(section) != record[section]]
+        if "members" in saved or "members" in record:
+            old, new = saved.get("members", {}), record.get("members", {})
+            differences = ["dictionaries"] if set(old) != set(new) else [name for name in new if old[name] != new[name]]
+        else:
+            differences = [section for section in ("architecture", "model", "data") if saved.get(section) != record[section]]
         for key, value in record["train"].items():
             if key not in RESUMABLE_DIFFERENCES and saved.get("train", {}).get(key) != value:
                 differences.append(f"{key} ({saved.get('train', {}).get(key)!r} -> {value!r})")
@@ -112,11 +124,12 @@ class RunDir:
         complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "trainer.json").is_file())
         return complete[-1] if complete else None
 
-    def save_checkpoint(self, step: int, model, optimizer, saved: dict, extras: dict, keep: int):
+    def save_checkpoint(self, step: int, parts: dict, saved: dict, extras: dict, keep: int):
+        """One checkpoint for every dictionary of the run: `parts` is prefix -> (model, optimizer)."""
         target = self.checkpoints / f"step_{step:09d}"
         try:
             files.make_dirs(self.checkpoints)
-            io.save_checkpoint(target, model, optimizer, saved, extras)
+            io.save_checkpoint(target, parts, saved, extras)
         except files.OutputError as e:
             last = self.latest_checkpoint()
             kept = f"the checkpoint at step {checkpoint_step(last)} is kept" if last else "no checkpoint was kept"
@@ -126,16 +139,17 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- log ---------------------------------------------------------------------------------
-    def append_log(self, line: dict):
+    @staticmethod
+    def append_log(path: Path, line: dict):
         try:
-            with open(self.path / "log.jsonl", "a") as f:
+            with open(path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         except OSError as e:
-            raise files.OutputError(f"cannot write {self.path / 'log.jsonl'}: {files.describe_os_error(e)}") from None
+            raise files.OutputError(f"cannot write {path}: {files.describe_os_error(e)}") from None
 
-    def truncate_log(self, step: int):
+    @staticmethod
+    def truncate_log(path: Path, step: int):
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-        path = self.path / "log.jsonl"
         if not path.exists():
             return
         kept = []

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -113,6 +114,7 @@ class LoopState:
 
     step: int = 0
     scale: float = 1.0  # activations are multiplied by this while training
+    target_scale: float = 1.0  # a transcoder's targets likewise
     log_coeff_mult: float = 0.0  # L0 controller: log of the sparsity-coefficient multiplier
     wandb_id: str | None = None
 
@@ -162,51 +164,6 @@ class TrainingStopped(Exception):
                          "continue with resume=True")
 
 
-def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
-               metadata: dict | None = None, make_monitor: Callable | None = None, **options) -> TrainResult:
-    """The plain loop: train `model` on `data` (a (N, d_in) tensor or a cache directory) with the
-    TrainConfig `options`. Most users call sae.train, which picks a recipe and ends up here.
-
-    `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
-    is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
-    `make_monitor(metadata, device)` builds the evaluation that splice_every runs (it needs a
-    language model, which this layer does not load). With a run_dir, SIGTERM/SIGINT checkpoint the
-    current step and raise TrainingStopped.
-    """
-    cfg = make_config(options)
-    if cfg.splice_every and make_monitor is None:
-        raise OptionError("splice_every", "needs a language model to splice into: call sae.train, which attaches one")
-    if cfg.target_l0 > 0 and not has_penalty(model):
-        raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
-    device = pick_device(cfg.device)
-
-    store = make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=cfg.hook or None)
-    if store.d_in != model.d_in:
-        raise ValueError(f"data has d_in={store.d_in} but the SAE expects d_in={model.d_in}")
-    metadata = data_metadata(store, metadata)
-    monitor = make_monitor(metadata, device) if cfg.splice_every else None
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                 fused=device.type == "cuda")
-    record = {"train": asdict(cfg), "architecture": model.architecture, "model": model.config_dict(),
-              "data": describe_data(data, cfg.hook)}
-    run = RunDir(cfg.run_dir) if cfg.run_dir else None
-    checkpoint = run.open(record, cfg.resume) if run is not None else None
-    try:
-        if checkpoint is not None:
-            state = restore(run, checkpoint, model, optimizer, store, device)
-        else:
-            torch.manual_seed(cfg.seed)
-            state = LoopState(scale=initialise(model, store, cfg, device))
-        wandb_run = start_wandb(cfg, record, run, state) if cfg.wandb else None
-        with StopSignals(enabled=run is not None) as stop:
-            run_steps(Loop(model, optimizer, store, cfg, state, device, run, monitor, wandb_run, callback, stop))
-        return finish(model, store, cfg, state, device, run, metadata, wandb_run)
-    finally:
-        if run is not None:
-            run.close()
-
-
 def make_config(options: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
@@ -240,15 +197,156 @@ def data_metadata(store, metadata: dict | None) -> dict:
     return {**found, **(metadata or {})}
 
 
-def restore(run: RunDir, checkpoint: Path, model, optimizer, store, device) -> LoopState:
-    saved, extras = io.load_checkpoint(checkpoint, model, optimizer)
-    state = LoopState(**saved["loop"])
-    store.load_state_dict(saved["store"])
+def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
+               metadata: dict | None = None, make_monitor: Callable | None = None, **options) -> TrainResult:
+    """The plain loop: train `model` on `data` (a (N, d_in) tensor, a cache directory, or a reader
+    with next_batch/state_dict such as a model stream) with the TrainConfig `options`. Most users
+    call sae.train, which picks a recipe and ends up here.
+
+    `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
+    is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
+    `make_monitor(metadata, device)` builds the evaluation that splice_every runs (it needs a
+    language model, which this layer does not load). With a run_dir, SIGTERM/SIGINT checkpoint the
+    current step and raise TrainingStopped.
+    """
+    cfg = make_config(options)
+    results = train_members({SINGLE: model}, data, cfg, hooks={SINGLE: cfg.hook}, callback=callback,
+                            metadata=metadata, make_monitor=make_monitor)
+    return results[SINGLE]
+
+
+def train_many(models: dict[str, SAE], data, *, hooks: dict[str, str] | None = None,
+               targets: dict[str, str] | None = None, callback: Callable[[int, dict], None] | None = None,
+               metadata: dict | None = None, make_monitor: Callable | None = None,
+               **options) -> dict[str, TrainResult]:
+    """Train several dictionaries on one pass over the data: each reads the batches of its hook
+    (`hooks`, name -> hook; default the options' hook) and, for a transcoder, its target hook
+    (`targets`). Every member has its own optimiser, schedules, metrics and sub-folder of run_dir;
+    one checkpoint holds them all. On CPU each result is bit-identical to training that dictionary
+    alone with the same options (all members share them: the batches are shared)."""
+    if not models:
+        raise ValueError("train_many needs at least one dictionary")
+    bad = [name for name in models if not name or name.startswith(".") or "/" in name or name == "checkpoints"]
+    if bad:
+        raise ValueError(f"dictionary names must be plain folder names, got {bad}")
+    cfg = make_config(options)
+    hooks = {name: (hooks or {}).get(name, cfg.hook) for name in models}
+    return train_members(dict(models), data, cfg, hooks=hooks, targets=targets or {}, callback=callback,
+                         metadata=metadata, make_monitor=make_monitor)
+
+
+SINGLE = ""  # the member name of a one-dictionary run: its files sit in the run folder itself
+
+
+@dataclass
+class Member:
+    """One dictionary being trained: what the step loop needs of it."""
+
+    name: str
+    model: SAE
+    optimizer: torch.optim.Optimizer
+    hook: str | None
+    target: str | None          # a transcoder's target hook (None: reconstruct the input)
+    folder: Path | None         # where its log, metrics and dictionary go
+    metadata: dict
+    state: LoopState = field(default_factory=LoopState)
+    monitor: Callable | None = None
+    wandb_run: object = None
+    logs: dict = field(default_factory=dict)
+
+
+def train_members(models: dict[str, SAE], data, cfg: TrainConfig, *, hooks: dict, targets: dict | None = None,
+                  callback=None, metadata=None, make_monitor=None) -> dict[str, TrainResult]:
+    """The loop behind train_loop (one member, named SINGLE) and train_many (several)."""
+    targets = targets or {}
+    if cfg.splice_every and make_monitor is None:
+        raise OptionError("splice_every", "needs a language model to splice into: call sae.train, which attaches one")
+    for model in models.values():
+        if cfg.target_l0 > 0 and not has_penalty(model):
+            raise ValueError("target_l0 steers a sparsity penalty: use it with relu or jumprelu (TopK sets L0 by k)")
+    device = pick_device(cfg.device)
+    readers = open_readers(data, cfg, {*hooks.values(), *targets.values()})
+    members = [make_member(name, model, readers, cfg, hooks[name], targets.get(name), metadata, device)
+               for name, model in models.items()]
+    record = run_record(members, cfg, data)
+    run = RunDir(cfg.run_dir, [m.folder for m in members]) if cfg.run_dir else None
+    checkpoint = run.open(record, cfg.resume) if run is not None else None
+    try:
+        if checkpoint is not None:
+            restore(run, checkpoint, members, readers, device)
+        else:
+            torch.manual_seed(cfg.seed)
+            for m in members:
+                m.state = LoopState(*initialise(m.model, readers[m.hook], cfg, device,
+                                                readers[m.target] if m.target is not None else None))
+        for m in members:
+            m.monitor = make_monitor(m.metadata, device) if cfg.splice_every else None
+            m.wandb_run = start_wandb(cfg, record, m, run) if cfg.wandb else None
+        with StopSignals(enabled=run is not None) as stop:
+            run_steps(members, readers, cfg, device, run, callback, stop)
+        return {m.name: finish(m, readers, cfg, device) for m in members}
+    finally:
+        if run is not None:
+            run.close()
+
+
+def open_readers(data, cfg: TrainConfig, hooks: set) -> dict:
+    """hook -> reader of `data`, all in the same row order (one seed, one batch size), so members
+    on different hooks see the same tokens and members on one hook share its batches."""
+    if hasattr(data, "readers"):  # a source that reads several hooks itself (a model stream)
+        return data.readers(sorted(hooks, key=str), batch_size=cfg.batch_size, seed=cfg.seed)
+    return {hook: make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=hook or None) for hook in hooks}
+
+
+def make_member(name, model, readers, cfg, hook, target, metadata, device) -> Member:
+    reader = readers[hook]
+    if reader.d_in != model.d_in:
+        raise ValueError(f"data has d_in={reader.d_in} but the SAE{f' {name}' if name else ''} "
+                         f"expects d_in={model.d_in}")
+    if target is not None and readers[target].d_in != model.d_out:
+        raise ValueError(f"target hook {target} has d={readers[target].d_in} but {name} outputs {model.d_out}")
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 fused=device.type == "cuda")
+    folder = (Path(cfg.run_dir) / name if name else Path(cfg.run_dir)) if cfg.run_dir else None
+    meta = data_metadata(reader, metadata)
+    if target is not None:
+        meta["hook_name_out"] = readers[target].hook
+    return Member(name, model, optimizer, hook, target, folder, meta)
+
+
+def run_record(members: list[Member], cfg: TrainConfig, data) -> dict:
+    """What a resumed run must match: the options, and per dictionary its architecture, options
+    and data. A one-dictionary run keeps the flat layout every run had before sets existed."""
+    def member_record(m: Member) -> dict:
+        data_record = describe_data(data, m.hook if m.name else cfg.hook)
+        if m.target is not None:
+            data_record["target"] = m.target
+        return {"architecture": m.model.architecture, "model": m.model.config_dict(), "data": data_record}
+
+    if len(members) == 1 and members[0].name == SINGLE:
+        return {"train": asdict(cfg), **member_record(members[0])}
+    return {"train": asdict(cfg), "members": {m.name: member_record(m) for m in members}}
+
+
+def restore(run: RunDir, checkpoint: Path, members: list[Member], readers: dict, device):
+    parts = {prefix(m): (m.model, m.optimizer) for m in members}
+    saved, extras = io.load_checkpoint(checkpoint, parts)
+    loops = saved["members"] if "members" in saved else {SINGLE: saved["loop"]}
+    for m in members:
+        m.state = LoopState(**loops[m.name])
+    stores = saved["store"] if "members" in saved else {members[0].hook: saved["store"]}
+    for hook, reader in readers.items():
+        reader.load_state_dict(stores[str(hook)] if "members" in saved else stores[hook])
     torch.set_rng_state(extras["cpu_rng"])
     if device.type == "cuda" and "cuda_rng" in extras:
         torch.cuda.set_rng_state(extras["cuda_rng"])
-    run.truncate_log(state.step)
-    return state
+    for m in members:
+        run.truncate_log(m.folder / "log.jsonl", m.state.step)
+
+
+def prefix(m: Member) -> str:
+    return f"{m.name}/" if m.name else ""
 
 
 class StopSignals:
@@ -278,124 +376,138 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-@dataclass
-class Loop:
-    """What the step loop works with (one object, so each part of the loop is a short function)."""
-
-    model: SAE
-    optimizer: torch.optim.Optimizer
-    store: object
-    cfg: TrainConfig
-    state: LoopState
-    device: torch.device
-    run: RunDir | None
-    monitor: Callable | None
-    wandb_run: object
-    callback: Callable | None
-    stop: StopSignals
-
-
-def run_steps(loop: Loop):
-    cfg, state = loop.cfg, loop.state
-    use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and loop.device.type == "cuda")
-    tokens_seen = state.step * cfg.batch_size
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0)
-    logs: dict = {}
+def run_steps(members: list[Member], readers: dict, cfg: TrainConfig, device, run: RunDir | None, callback,
+              stop: StopSignals):
+    use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device.type == "cuda")
+    start = members[0].state.step
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     try:
-        while state.step < cfg.steps:
-            x, out, losses, loss = step(loop, use_bf16)
-            tokens_seen += x.shape[0]
-            splice_logs = loop.monitor(loop.model, state.step, scale=state.scale) if loop.monitor else {}
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps or splice_logs:
-                logs = log_step(loop, x, out, losses, loss, tokens_seen, splice_logs)
-                bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
+        for at in range(start, cfg.steps):
+            batch = {hook: reader.next_batch().to(device, non_blocking=True) for hook, reader in readers.items()}
+            logged = False
+            for m in members:
+                logged |= train_step(m, batch, cfg, use_bf16, tokens_seen=(at + 1) * cfg.batch_size)
+            if logged:
+                show_progress(bar, members)
             bar.update(1)
-            checkpointed = loop.run is not None and (
-                state.step == cfg.steps or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0))
-            if checkpointed:
-                save_checkpoint(loop)
-            if loop.callback is not None:
-                loop.callback(state.step, logs)
-            if loop.stop.signum is not None:  # a signal arrived during this step: keep it, then stop
-                if not checkpointed:
-                    save_checkpoint(loop)
-                raise TrainingStopped(loop.stop.signum, state.step, loop.run.path)
+            due = run is not None and (at + 1 == cfg.steps or (cfg.checkpoint_every and (at + 1) % cfg.checkpoint_every == 0))
+            if due:
+                save_checkpoint(run, members, readers, cfg)
+            if callback is not None:
+                callback(at + 1, members[0].logs if len(members) == 1 else {m.name: m.logs for m in members})
+            if stop.signum is not None:  # a signal arrived during this step: keep it, then stop
+                if not due:
+                    save_checkpoint(run, members, readers, cfg)
+                raise TrainingStopped(stop.signum, at + 1, run.path)
     finally:
         bar.close()
 
 
-def step(loop: Loop, use_bf16: bool):
-    """One optimizer step; returns the batch, the model's output, the weighted losses and their sum."""
-    model, cfg, state, optimizer = loop.model, loop.cfg, loop.state, loop.optimizer
-    for group in optimizer.param_groups:
+def train_step(m: Member, batch: dict, cfg: TrainConfig, use_bf16: bool, tokens_seen: int) -> bool:
+    """One optimizer step of one member (and its log line when due); True when it logged."""
+    model, state = m.model, m.state
+    for group in m.optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(state.step, cfg)
-    x = loop.store.next_batch().to(loop.device, non_blocking=True) * state.scale
-    with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        out = model(x)
+    x = batch[m.hook] * state.scale
+    target = batch[m.target] * state.target_scale if m.target is not None else None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = model(x) if target is None else model(x, target)
     losses = dict(out.losses)
     if "sparsity" in losses:
         losses["sparsity"] = losses["sparsity"] * (sparsity_factor(state.step, cfg) * math.exp(state.log_coeff_mult))
     loss = sum(losses.values())
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower lr or check the data")
-    optimizer.zero_grad(set_to_none=True)
+        where = f" ({m.name})" if m.name else ""
+        raise FloatingPointError(f"loss became {loss.item()} at step {state.step}{where}; lower lr or check the data")
+    m.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     model.remove_parallel_grad_()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    m.optimizer.step()
     model.normalize_decoder_()
     if cfg.target_l0 > 0:
         steer_l0(model, state, out.code.l0().item(), cfg)
     state.step += 1
-    return x, out, losses, loss
+    splice_logs = m.monitor(model, state.step, scale=state.scale) if m.monitor else {}
+    if state.step % cfg.log_every == 0 or state.step == cfg.steps or splice_logs:
+        m.logs = log_step(m, x if target is None else target, out, losses, loss, tokens_seen, splice_logs)
+        return True
+    return False
 
 
-def log_step(loop: Loop, x, out, losses, loss, tokens_seen: int, splice_logs: dict) -> dict:
-    model, state = loop.model, loop.state
+def log_step(m: Member, y, out, losses, loss, tokens_seen: int, splice_logs: dict) -> dict:
+    model, state = m.model, m.state
     window = min(model.cfg.dead_tokens, tokens_seen)
     logs = {"step": state.step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-            **batch_metrics(x, out.x_hat, out.code.l0()),
+            **batch_metrics(y, out.x_hat, out.code.l0()),
             "dead_share": (model.tokens_since_fired >= window).float().mean().item(),
-            "lr": loop.optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
+            "lr": m.optimizer.param_groups[0]["lr"], "sparsity_coeff_mult": math.exp(state.log_coeff_mult),
             **splice_logs, "time": time.time()}
-    if loop.run is not None:
-        loop.run.append_log(logs)
-    if loop.wandb_run is not None:
-        loop.wandb_run.log(logs, step=state.step)
+    if m.folder is not None:
+        RunDir.append_log(m.folder / "log.jsonl", logs)
+    if m.wandb_run is not None:
+        m.wandb_run.log(logs, step=state.step)
     return logs
 
 
-def save_checkpoint(loop: Loop):
-    saved = {"loop": asdict(loop.state), "store": loop.store.state_dict()}  # floats round-trip exactly in JSON
+def show_progress(bar, members: list[Member]):
+    """The bar's postfix for one dictionary; for a set, one compact line per log step."""
+    if len(members) == 1:
+        logs = members[0].logs
+        bar.set_postfix(fvu=f"{logs['fvu']:.3f}", l0=f"{logs['l0']:.1f}", dead=f"{logs['dead_share']:.1%}")
+        return
+    bar.write(f"step {members[0].state.step}: " + " | ".join(
+        f"{m.name} fvu {m.logs['fvu']:.3f} l0 {m.logs['l0']:.1f} dead {m.logs['dead_share']:.0%}" for m in members),
+        file=sys.stderr)  # beside the bar
+
+
+def save_checkpoint(run: RunDir, members: list[Member], readers: dict, cfg: TrainConfig):
+    if len(members) == 1 and members[0].name == SINGLE:  # the flat layout of one-dictionary runs
+        saved = {"loop": asdict(members[0].state), "store": next(iter(readers.values())).state_dict()}
+    else:  # floats round-trip exactly in JSON
+        saved = {"members": {m.name: asdict(m.state) for m in members},
+                 "store": {str(hook): reader.state_dict() for hook, reader in readers.items()}}
     extras = {"cpu_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         extras["cuda_rng"] = torch.cuda.get_rng_state()
-    loop.run.save_checkpoint(loop.state.step, loop.model, loop.optimizer, saved, extras, loop.cfg.keep_checkpoints)
+    parts = {prefix(m): (m.model, m.optimizer) for m in members}
+    run.save_checkpoint(members[0].state.step, parts, saved, extras, cfg.keep_checkpoints)
 
 
-def finish(model: SAE, store, cfg: TrainConfig, state: LoopState, device, run: RunDir | None,
-           metadata: dict, wandb_run) -> TrainResult:
+def finish(m: Member, readers: dict, cfg: TrainConfig, device) -> TrainResult:
     """Fold the activation scale in (the dictionary that leaves works on raw activations), measure
     it, warn about missed targets, save it."""
-    model.fold_activation_scale_(state.scale)
+    model, state = m.model, m.state
+    if m.target is None:
+        model.fold_activation_scale_(state.scale)
+    else:
+        model.fold_activation_scale_(state.scale, state.target_scale)
     model.eval()
+    reader = readers[m.hook]
+    start = {hook: r.state_dict() for hook, r in readers.items()}  # every member evaluates the same rows
     # Each stored row at most once: a small cache is not cycled to make the count look larger.
-    eval_batches = max(1, min(cfg.eval_tokens, store.n_rows) // cfg.batch_size)
-    metrics, log_density = evaluate(model, (store.next_batch() for _ in range(eval_batches)), device)
-    metrics.update(activation_scale=state.scale, steps=state.step, data_rows=store.n_rows)
+    eval_batches = max(1, min(cfg.eval_tokens, reader.n_rows) // cfg.batch_size)
+    if m.target is None:
+        batches = (reader.next_batch() for _ in range(eval_batches))
+    else:
+        batches = ((reader.next_batch(), readers[m.target].next_batch()) for _ in range(eval_batches))
+    metrics, log_density = evaluate(model, batches, device)
+    for hook, r in readers.items():
+        r.load_state_dict(start[hook])
+    metrics.update(activation_scale=state.scale, steps=state.step, data_rows=reader.n_rows)
     if cfg.target_l0 > 0:
         metrics["sparsity_coeff_mult"] = math.exp(state.log_coeff_mult)
         check_l0_target(metrics, cfg)
     if has_penalty(model):
         check_penalty(metrics)
-    if run is not None:
-        io.save(model, run.path / "sae", metadata=metadata, log_feature_density=log_density)
-        io.write_json(run.path / "metrics.json", metrics)
-    if wandb_run is not None:
-        wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        wandb_run.finish()
-    return TrainResult(model, metrics, run.path if run is not None else None)
+    if m.folder is not None:
+        io.save(model, m.folder / "sae", metadata=m.metadata, log_feature_density=log_density)
+        io.write_json(m.folder / "metrics.json", metrics)
+    if m.wandb_run is not None:
+        m.wandb_run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        m.wandb_run.finish()
+    return TrainResult(model, metrics, m.folder)
 
 
 def has_penalty(model: SAE) -> bool:
@@ -426,28 +538,46 @@ def check_l0_target(metrics: dict, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def initialise(model: SAE, store, cfg: TrainConfig, device) -> float:
-    """Activation scale and b_dec from the first batches; the reader is rewound afterwards."""
+def initialise(model: SAE, store, cfg: TrainConfig, device, target_store=None) -> tuple[int, float, float]:
+    """(step 0, activation scale, target scale) from the first batches, and b_dec (the target's
+    centre for a transcoder); the readers are rewound afterwards."""
+    x, y = first_batches(store, cfg, device), first_batches(target_store, cfg, device)
+    scale, target_scale = activation_scale(x, cfg), activation_scale(y, cfg) if y is not None else 1.0
+    if cfg.start == "continue":  # trained weights work on raw x: bring them into training units
+        if model.cfg.normalize_decoder:  # rows were unit-norm at the scale it was trained at: reuse it
+            scale = target_scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
+        if y is None:
+            model.fold_activation_scale_(1 / scale)
+        else:
+            model.fold_activation_scale_(1 / scale, 1 / target_scale)
+    else:
+        model.init_b_dec_((y * target_scale) if y is not None else (x * scale), cfg.b_dec_init)
+    model.normalize_decoder_()
+    return 0, scale, target_scale
+
+
+def first_batches(store, cfg: TrainConfig, device):
+    if store is None:
+        return None
     start = store.state_dict()
     x = torch.cat([store.next_batch() for _ in range(cfg.init_batches)]).to(device).float()
     store.load_state_dict(start)
-    scale = math.sqrt(model.d_in) / x.norm(dim=1).mean().item() if cfg.scale_activations else 1.0
+    return x
+
+
+def activation_scale(x, cfg: TrainConfig) -> float:
+    """The factor that makes E||x|| = sqrt(d): one learning rate then fits every model and layer."""
+    scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if cfg.scale_activations else 1.0
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("cannot scale activations: the first batches have zero norm")
-    if cfg.start == "continue":  # trained weights work on raw x: bring them into training units
-        if model.cfg.normalize_decoder:  # rows were unit-norm at the scale it was trained at: reuse it
-            scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
-        model.fold_activation_scale_(1 / scale)
-    else:
-        model.init_b_dec_(x * scale, cfg.b_dec_init)
-    model.normalize_decoder_()
     return scale
 
 
-def start_wandb(cfg: TrainConfig, record: dict, run: RunDir | None, state: LoopState):
+def start_wandb(cfg: TrainConfig, record: dict, m: Member, run: RunDir | None):
     import wandb  # noqa: PLC0415 (slow import, optional dependency at run time)
 
-    wandb_run = wandb.init(project=cfg.wandb_project, config=record, id=state.wandb_id, resume="allow",
-                           dir=str(run.path) if run else None, name=run.path.name if run else None)
-    state.wandb_id = wandb_run.id
+    name = None if run is None else run.path.name + (f"/{m.name}" if m.name else "")
+    wandb_run = wandb.init(project=cfg.wandb_project, config=record, id=m.state.wandb_id, resume="allow",
+                           dir=str(m.folder) if m.folder else None, name=name, reinit=True)
+    m.state.wandb_id = wandb_run.id
     return wandb_run

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from sae.core.architectures.base import SAE
-from sae.core.trainer import TrainResult, make_config, train_loop
+from sae.core.trainer import TrainResult, make_config, train_loop, train_many as train_set
 from sae.lm.splice import splice_monitor
 from sae.recipes.binding import train_binding
 
@@ -28,6 +28,23 @@ def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = No
         return train_binding(model, data, callback=callback, metadata=metadata, make_monitor=make_monitor,
                              **asdict(cfg))
     return train_loop(model, data, callback=callback, metadata=metadata, make_monitor=make_monitor, **options)
+
+
+def train_many(models: dict[str, SAE], data, *, hooks: dict[str, str] | None = None,
+               targets: dict[str, str] | None = None, callback: Callable | None = None,
+               metadata: dict | None = None, **options) -> dict[str, TrainResult]:
+    """Train a set of dictionaries (name -> model) on one pass over `data`: each reads its hook's
+    batches (`hooks`, name -> hook) and, for a transcoder, its target hook (`targets`). Options are
+    TrainConfig fields, shared by the set; with a run_dir each dictionary gets a sub-folder and one
+    checkpoint holds them all. Each result is bit-identical (on CPU) to sae.train on it alone."""
+    cfg = make_config(options)
+    recipe = [name for name, m in models.items() if uses_binding_recipe(m, cfg.binding_recipe)]
+    if recipe:
+        raise ValueError(f"{', '.join(recipe)}: the binding recipe trains in phases, not in step with a set; "
+                         "train it alone with sae.train, or pass binding_recipe='plain'")
+    make_monitor = splice_monitor(cfg.splice_every, cfg.splice_sequences) if cfg.splice_every else None
+    return train_set(models, data, hooks=hooks, targets=targets, callback=callback, metadata=metadata,
+                     make_monitor=make_monitor, **options)
 
 
 def uses_binding_recipe(model: SAE, recipe: str) -> bool:
