@@ -4,6 +4,7 @@
     python train.py --arch jumprelu --l0-coeff 0.05 --data cache/my_cache --run-dir runs/jr
     python train.py --run-dir runs/jr --resume ...   # same options again: continue where it stopped
     python train.py cache --model scenes --hooks blocks.1.hook_resid_post --out cache/my_cache
+    python train.py dashboard runs/jr                 # feature dashboards: runs/jr/dashboard/index.html
 
 Every option comes from a config dataclass (sae.TrainConfig, each architecture's Config, and
 sae.lm.cache.CacheConfig), so --help always lists all of them with their defaults.
@@ -30,7 +31,10 @@ from sae.core.config import HelpFormatter, OptionError, add_option, add_options,
 from sae.core.files import describe_os_error
 from sae.core.store import open_cache
 from sae.core.trainer import TrainingStopped
-from sae.lm.cache import CacheConfig, write_cache
+from sae.eval import dashboard
+from sae.lm import models as lm_models
+from sae.lm.cache import CacheConfig, model_kwargs, write_cache
+from sae.lm.stream import ModelStream, StreamConfig
 
 DEFAULT_CACHE = Path("cache") / "scenes"
 
@@ -79,6 +83,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         job_default = DEFAULT_JOB.get(name)
         text = f"{help_text} [{shown}]" + (f" (default job: {job_default})" if job_default is not None else "")
         add_option(arch, name, kind, None, text, several=True)  # None: the architecture's own default
+    stream = parser.add_argument_group("streaming straight from the model, instead of --data (sae.lm.stream)")
+    add_options(stream, StreamConfig, skip=("hooks", "device"), defaults={"model": ""})
     training = parser.add_argument_group("training (sae.TrainConfig, shared by every dictionary of a set)")
     add_options(training, sae.TrainConfig, defaults=DEFAULT_JOB, skip=("hook",))
     return parser
@@ -206,13 +212,29 @@ def ensure_default_cache() -> Path:
     return Path(write_cache(cfg))  # returns at once when complete; resumes a partial cache
 
 
-def run_training(argv) -> int:
-    args = build_train_parser().parse_args(argv)
-    set_threads(args.threads)
+def open_data(args):
+    """(data for sae.train, its hooks as asked, hook -> width): a cache (--data, or the built-in
+    default), or the model itself (--model: a stream, no cache on disk)."""
+    if args.model and args.data:
+        raise OptionError("data", "and {model} are two sources: give a cache or a model to stream from", model="model")
+    if args.model:
+        model = lm_models.load_model(args.model, "cpu", args.model_processing, model_kwargs(args))
+        available = [h for h in model.hook_dict if not h.endswith(("hook_pattern", "hook_attn_scores"))]
+        hooks = expand_hooks(args.hook, available, args.model) if args.hook else lm_models.default_hooks(args.model, model)
+        stream = ModelStream(from_args(StreamConfig, args, hooks=hooks), model=model)
+        return stream, hooks, stream.plan.d_in
     data = Path(args.data) if args.data else ensure_default_cache()
     # Read the manifest for hook names and widths (full checksums are verified by the trainer's reader).
     cache = open_cache(str(data), verify=False)
-    plans = plan_dictionaries(args, expand_hooks(args.hook, cache.hook_names, str(data)))
+    hooks = expand_hooks(args.hook, cache.hook_names, str(data))
+    return str(data), hooks, {h: cache.d_in(h) for h in hooks}
+
+
+def run_training(argv) -> int:
+    args = build_train_parser().parse_args(argv)
+    set_threads(args.threads)
+    data, hooks, widths = open_data(args)
+    plans = plan_dictionaries(args, hooks)
     train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(sae.TrainConfig) if f.name != "hook"}
     if not train_options["run_dir"]:
         what = args.arch[0] if len(plans) == 1 else "set"
@@ -220,16 +242,16 @@ def run_training(argv) -> int:
     models = {}
     for plan in plans:
         torch.manual_seed(args.seed)  # each dictionary starts as it would alone: its initialisation is part of the run
-        models[plan.name] = build_sae(plan, cache.d_in(plan.hook))
+        models[plan.name] = build_sae(plan, widths[plan.hook])
     start = time.time()
     if len(plans) == 1:
         model = models[plans[0].name]
         print(f"{type(model).__name__}: d_in={model.d_in}, n_latents={model.n_latents}, "
               f"data={data} ({plans[0].hook}), run_dir={train_options['run_dir']}")
-        results = {"": sae.train(model, str(data), hook=plans[0].hook, **train_options)}
+        results = {"": sae.train(model, data, hook=plans[0].hook, **train_options)}
     else:
         print(f"{len(plans)} dictionaries from one pass over {data}: {', '.join(models)}; run_dir={train_options['run_dir']}")
-        results = sae.train_many(models, str(data), hooks={p.name: p.hook for p in plans}, **train_options)
+        results = sae.train_many(models, data, hooks={p.name: p.hook for p in plans}, **train_options)
     for name, result in results.items():
         print_metrics(result.metrics, name)
         print(f"dictionary saved to {result.run_dir / 'sae'} (load with sae.load('{result.run_dir / 'sae'}'))")
@@ -240,8 +262,9 @@ def run_training(argv) -> int:
 def print_metrics(metrics: dict, name: str = ""):
     keys = ["fvu", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "l1", "dead_share", "dense_share"]
     width = max(map(len, keys))
-    print(f"{name + ': ' if name else ''}end-of-run metrics over {metrics['tokens']} activations of the "
-          f"{metrics['data_rows']} in the data (eval mode, raw activations):")
+    source = "from the stream" if metrics["data_rows"] is None else f"of the {metrics['data_rows']} in the data"
+    print(f"{name + ': ' if name else ''}end-of-run metrics over {metrics['tokens']} activations {source} "
+          "(eval mode, raw activations):")
     for key in keys:
         print(f"  {key:<{width}}  {metrics[key]:.4g}")
 
@@ -263,6 +286,8 @@ def main(argv=None) -> int:
     try:
         if argv[:1] == ["cache"]:
             return run_cache(argv[1:])
+        if argv[:1] == ["dashboard"]:  # its own options and one-line errors (sae/eval/dashboard.py)
+            return dashboard.main(argv[1:])
         return run_training(argv)
     except TrainingStopped as e:
         again = " ".join(shlex.quote(a) for a in ["python", "train.py", *argv] if a != "--resume")

@@ -46,6 +46,8 @@ def is_run(path: Path) -> bool:
 
 def describe_data(data, hook: str) -> dict:
     """Enough to tell whether a resumed run reads the same data."""
+    if hasattr(data, "describe"):  # a model stream
+        return {**data.describe(), "hook": hook}
     if torch.is_tensor(data):
         digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
         return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha256": digest}

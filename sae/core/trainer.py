@@ -184,6 +184,8 @@ def pick_device(name: str) -> torch.device:
 def data_metadata(store, metadata: dict | None) -> dict:
     """cfg.json metadata: the caller's, over what a cache says about its model and hook (SAELens
     reads model_class_name and model_from_pretrained_kwargs to load the model the same way)."""
+    if hasattr(store, "metadata"):  # a model stream knows its model and hook itself
+        return {**store.metadata(), **(metadata or {})}
     if not hasattr(store, "cache"):
         return dict(metadata or {})
     manifest = store.cache.manifest
@@ -487,7 +489,7 @@ def finish(m: Member, readers: dict, cfg: TrainConfig, device) -> TrainResult:
     reader = readers[m.hook]
     start = {hook: r.state_dict() for hook, r in readers.items()}  # every member evaluates the same rows
     # Each stored row at most once: a small cache is not cycled to make the count look larger.
-    eval_batches = max(1, min(cfg.eval_tokens, reader.n_rows) // cfg.batch_size)
+    eval_batches = max(1, min(cfg.eval_tokens, reader.n_rows or cfg.eval_tokens) // cfg.batch_size)
     if m.target is None:
         batches = (reader.next_batch() for _ in range(eval_batches))
     else:

@@ -511,7 +511,7 @@ def write_cache(cfg: CacheConfig, model=None, tokenizer=None) -> Path:
     try:
         # refuse early, before the slow model load (hooks may still be the model's defaults)
         state, _ = _prior(out, _config(cfg, cfg.hooks or None), ignore=() if cfg.hooks else ("hooks",))
-        plan = _prepare(cfg, model, tokenizer)
+        plan = prepare(cfg, model, tokenizer)
         state, prior = _prior(out, plan.identity["config"])
         if prior is not None:
             _check_identity(out, prior, plan.identity)
@@ -569,7 +569,7 @@ def _with_what_was_kept(e: BaseException, out: Path, state, shards: list) -> Bas
                              "free space (or fix the cause) and rerun the same command to resume")
 
 
-def _prepare(cfg: CacheConfig, model, tokenizer) -> SimpleNamespace:
+def prepare(cfg: CacheConfig, model=None, tokenizer=None) -> SimpleNamespace:
     """Load the model and tokenizer, resolve the hooks, open the source and fix everything the run
     and the manifest need. Refuses bad hooks, tokens and positions before anything is written."""
     if model is None:
@@ -599,7 +599,7 @@ def _prepare(cfg: CacheConfig, model, tokenizer) -> SimpleNamespace:
         special=sorted(getattr(tokenizer, "drop_token_ids", ())) if (tokenizer is not None and cfg.drop_bos) else [])
     # one sequence through the model gives each hook's width (and proves the hooks run)
     first = next(source.batches(0, 1))[1]
-    _check_tokens(plan, first, 0)
+    check_tokens(plan, first, 0)
     plan.d_in = {h: a.shape[-1] for h, a in models.hook_activations(model, first, hooks).items()}
     plan.identity = {"config": _config(cfg, hooks), "model_sha256": models.model_fingerprint(model), "source": source.desc}
     row_bytes = (sum(plan.d_in.values()) * DTYPES[cfg.dtype].itemsize
@@ -630,7 +630,7 @@ def _header(plan) -> dict:
     }
 
 
-def _check_tokens(plan, toks, first_seq):
+def check_tokens(plan, toks, first_seq):
     d_vocab = plan.d_vocab
     if toks.numel() and (toks.min() < 0 or toks.max() >= d_vocab):
         r = int(((toks < 0) | (toks >= d_vocab)).any(1).nonzero()[0])
@@ -680,7 +680,7 @@ class _ShardBuffer:
         self.fill = 0
 
 
-def _kept_positions(plan, toks, lengths) -> torch.Tensor:
+def kept_positions(plan, toks, lengths) -> torch.Tensor:
     """Flat indices (into the batch's B * T positions) of the positions that become rows."""
     cfg, T = plan.cfg, toks.shape[1]
     pos = torch.arange(T)
@@ -698,7 +698,7 @@ def _kept_positions(plan, toks, lengths) -> torch.Tensor:
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def _rows(plan, toks, sel, b: int) -> dict:
+def activation_rows(plan, toks, sel, b: int) -> dict:
     """Activations (per hook) and columns of the selected flat positions of batch b."""
     (B, T), bs = toks.shape, plan.cfg.batch_size
     acts = models.hook_activations(plan.model, toks, plan.hooks)
@@ -716,23 +716,17 @@ def _run(plan, out: Path, state: str, prior, shards: list):
     """Run the model over the source from where a previous run stopped, and write the shards and
     then the manifest. `shards` is filled in place, so a failure can say what was kept."""
     cfg, source, bs = plan.cfg, plan.source, plan.cfg.batch_size
-    for stale in [*out.glob("*.tmp"), *out.glob(".*.tmp-*")]:  # half-written files of a killed run
-        stale.unlink()  # (we hold the lock, so no live writer owns them)
-    shards.extend(_intact_shards(out, prior) if state == "resume" else [])
-    if state == "new":
-        _write_json(out / PROGRESS, {"identity": plan.identity, "shards": []})
-    committed = sum(s["rows"] for s in shards)  # rows already in finished shards
-    start, g = (shards[-1]["resume_batch"], shards[-1]["batch_first_row"]) if shards else (0, 0)
+    committed, start, g = _open_progress(plan, out, state, prior, shards)
     buf, n_seq, b, n = _ShardBuffer(out, plan, shards), start * bs, start, 0
     bar = tqdm(total=source.n_sequences, initial=n_seq, unit="seq", desc=f"cache {cfg.model}", dynamic_ncols=True)
     try:
         for b, toks, lengths in source.batches(start, bs):
-            _check_tokens(plan, toks, b * bs)
-            flat = _kept_positions(plan, toks, lengths)
+            check_tokens(plan, toks, b * bs)
+            flat = kept_positions(plan, toks, lengths)
             n = flat.numel()
             skip = min(n, max(0, committed - g))  # on resume: rows of this batch already stored
             if skip < n:
-                buf.add(_rows(plan, toks, flat[skip:], b), b, g)
+                buf.add(activation_rows(plan, toks, flat[skip:], b), b, g)
             g += n
             n_seq += toks.shape[0]
             bar.update(toks.shape[0])
@@ -741,6 +735,66 @@ def _run(plan, out: Path, state: str, prior, shards: list):
     finally:
         bar.close()
     _finish(plan, out, shards, n_seq)
+
+
+def _open_progress(plan, out: Path, state: str, prior, shards: list) -> tuple[int, int, int]:
+    """Get `out` ready to take shards: clear half-written files, keep the intact shards of an
+    interrupted run (into `shards`). Returns (rows stored, batch to restart from, its first row)."""
+    for stale in [*out.glob("*.tmp"), *out.glob(".*.tmp-*")]:  # half-written files of a killed run
+        stale.unlink()  # (we hold the lock, so no live writer owns them)
+    shards.extend(_intact_shards(out, prior) if state == "resume" else [])
+    if state == "new":
+        _write_json(out / PROGRESS, {"identity": plan.identity, "shards": []})
+    committed = sum(s["rows"] for s in shards)  # rows already in finished shards
+    start, g = (shards[-1]["resume_batch"], shards[-1]["batch_first_row"]) if shards else (0, 0)
+    return committed, start, g
+
+
+class CacheSink:
+    """A cache written by another pass over the model (a training stream writing as it goes): rows
+    arrive in the cache's own order, each batch with its index and first global row; rows a
+    previous run already stored are skipped, as write_cache skips them when it resumes. The
+    folder is locked while the sink is open; `complete` writes the manifest."""
+
+    def __init__(self, plan, out: Path):
+        self.out, self.plan, self.shards = Path(out), plan, []
+        self.lock = files.DirLock(self.out, "an activation cache", hint=", or choose another cache folder").acquire()
+        try:
+            self.state, prior = _prior(self.out, plan.identity["config"])
+            if prior is not None:
+                _check_identity(self.out, prior, plan.identity)
+            if self.state != "done":
+                self.next_row = _open_progress(plan, self.out, self.state, prior, self.shards)[0]
+                self.buf = _ShardBuffer(self.out, plan, self.shards)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def add(self, rows: dict, b: int, g: int):
+        if self.state in ("done", "stopped"):
+            return
+        if g > self.next_row:  # rows this sink never saw (a stream resumed past them): stop here
+            print(f"{self.out}: rows {self.next_row}-{g - 1} were not seen by this run; the cache stops at its "
+                  "finished shards (rerun `train.py cache` with the same options to complete it)", file=sys.stderr)
+            self.state = "stopped"
+            return
+        n = len(rows["position"])
+        skip = min(n, self.next_row - g)  # rows already stored
+        if skip < n:
+            self.buf.add({k: v[skip:] for k, v in rows.items()}, b, g)
+            self.next_row = g + n
+
+    def complete(self, rows: int, n_seq: int):
+        """The source is exhausted after `rows` rows of `n_seq` sequences: write the manifest."""
+        if self.state in ("done", "stopped"):
+            return
+        if self.buf.fill:  # the last shard; no resume starts after it, so its resume fields are moot
+            self.buf.flush(-1, rows)
+        _finish(self.plan, self.out, self.shards, n_seq)
+        self.state = "done"
+
+    def close(self):
+        self.lock.release()
 
 
 def _finish(plan, out: Path, shards: list, n_seq: int):
