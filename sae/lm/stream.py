@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from sae.core.config import option
-from sae.core.store import CacheError, DTYPES
-from sae.lm import models
+from sae.core.store import CacheError
 from sae.lm.cache import CacheConfig, CacheSink, activation_rows, check_tokens, kept_positions, prepare
 
 KEEP_BUFFERS = 2
