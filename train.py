@@ -239,10 +239,14 @@ def run_training(argv) -> int:
     if not train_options["run_dir"]:
         what = args.arch[0] if len(plans) == 1 else "set"
         train_options["run_dir"] = str(Path("runs") / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}")
-    models = {}
+    models, seen = {}, {}
     for plan in plans:
         torch.manual_seed(args.seed)  # each dictionary starts as it would alone: its initialisation is part of the run
         models[plan.name] = build_sae(plan, widths[plan.hook])
+        key = (plan.hook, plan.arch, repr(sorted(models[plan.name].config_dict().items())))
+        if key in seen:  # e.g. --n-latents 0 256 with --expansion-factor 4 on d_in 64
+            raise ValueError(f"the options make {seen[key]} and {plan.name} the same dictionary: drop one value")
+        seen[key] = plan.name
     start = time.time()
     if len(plans) == 1:
         model = models[plans[0].name]

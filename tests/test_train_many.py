@@ -134,10 +134,11 @@ def test_the_command_line_sweeps_hook_patterns_and_option_lists(tmp_path, layere
     (["--arch", "topk", "relu", "--l1-coeff", "2"], None),  # valid: l1_coeff applies to relu only
     (["--arch", "topk", "jumprelu", "--l1-coeff", "2"], "--l1-coeff applies to none of --arch topk jumprelu"),
     (["--arch", "binding", "topk"], "binding recipe trains in phases"),
+    (["--n-latents", "0", "64", "--expansion-factor", "4"], "the options make n0 and n64 the same dictionary"),
 ])
 def test_bad_sets_are_one_line(tmp_path, layered_cache, args, message):
-    result = cli("--data", str(layered_cache), "--hook", "blocks.0.hook_resid_post", *args, "--n-latents", "32",
-                 "--steps", "4", "--batch-size", "64", "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    result = cli("--data", str(layered_cache), "--hook", "blocks.0.hook_resid_post", "--n-latents", "32",
+                 "--steps", "4", "--batch-size", "64", "--run-dir", str(tmp_path / "r"), *args, cwd=tmp_path)
     if message is None:
         assert result.returncode == 0, result.stderr
         return
