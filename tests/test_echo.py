@@ -1,9 +1,13 @@
 """The echo-feature detector (eval/echo.py) on constructed dictionaries with and without echoes."""
+from dataclasses import replace
+
 import pytest
 import torch
 
+import sae
+from sae.eval.binding_bench import WORLDS
 from sae.eval.echo import EchoConfig, find_echoes
-from sae.eval.worlds import random_orthogonal
+from sae.eval.worlds import WorldConfig, make_world, random_orthogonal
 
 D_IN, N = 12, 18          # 18 atoms in 12 dimensions: superposed, so M is pinned down
 
@@ -79,12 +83,6 @@ def test_duplicates_are_not_echoes():
 
 def _trained_standard_sae(name: str, seed: int = 0):
     """A TopK SAE trained on a synthetic world exactly as binding_bench.run_one trains "standard"."""
-    from dataclasses import replace
-
-    import sae
-    from sae.eval.binding_bench import WORLDS
-    from sae.eval.worlds import WorldConfig, make_world
-
     overrides, k = WORLDS[name]
     world = make_world(replace(WorldConfig(seed=seed), **overrides))
     x = world.sample(65536, seed=seed).x

@@ -1,9 +1,11 @@
-"""Block matching (sae/matching.py): pairs and map between two blocks of rows related by one
-orthogonal map, at the small widths of the bench and at widths the old matcher could not reach."""
+"""Block matching (sae/recipes/matching.py): pairs and map between two blocks of rows related by one
+orthogonal map, at the small widths of the bench and at widths the old matcher could not reach; and
+the same search through the echo detector's framing (one dictionary, rows in either role)."""
 import torch
 
+from sae.eval.echo import find_echoes
 from sae.eval.worlds import random_orthogonal
-from sae.recipes.matching import MatchConfig, fit_map, match_blocks
+from sae.recipes.matching import MatchConfig, OneDictionary, TwoBlocks, fit_map, match_blocks
 
 
 def unit(v):
@@ -70,3 +72,26 @@ def test_under_complete_pairs_need_allow_unpinned():
     assert len(match_blocks(A, B).pairs) == 0
     res = match_blocks(A, B, MatchConfig(allow_unpinned=True))
     assert len(res.pairs) >= 14 and (truth[res.pairs[:, 1]] == res.pairs[:, 0]).all()
+
+
+def test_one_dictionary_adds_the_cross_role_clash():
+    # i→j and j→k cannot both hold in one dictionary (a row is a source or a target), but between
+    # two blocks a row of A and a row of B with the same index are different rows
+    src, tgt = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
+    U = unit(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
+    assert not TwoBlocks(U, U).clash(src, tgt)[0, 1]
+    assert OneDictionary(U).clash(src, tgt)[0, 1] and not OneDictionary(U).clash(src, tgt)[0, 2]
+
+
+def test_both_framings_find_the_same_pairs():
+    # the two blocks stacked into one dictionary: with nothing else in it, the echo detector must
+    # find exactly the pairs that block matching finds (possibly as M⁻¹, target → source)
+    A, B, M, truth = planted(18, 12, seed=3)
+    blocks = match_blocks(A, B)
+    echoes = find_echoes(torch.cat([A, B]))
+    expected = {(a, len(A) + b) for a, b in blocks.pairs.tolist()}
+    found = {tuple(p) for p in echoes.pairs.tolist()}
+    assert len(expected) >= 0.9 * 18
+    assert found in (expected, {(j, i) for i, j in expected})
+    T = echoes.transform if found == expected else echoes.transform.T
+    assert torch.allclose(T, blocks.transform, atol=1e-4)   # one Procrustes fit on the same pairs

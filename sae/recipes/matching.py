@@ -1,11 +1,15 @@
-"""Register two blocks of dictionary rows that one orthogonal map relates: B[σ(a)] ≈ M A[a].
+"""Find rows related by one orthogonal map, b ≈ M a, when which row pairs with which is unknown.
 
-The binding recipe (sae/rebind.py) needs this after its split phase: block A holds slot 1's atoms,
-block B the other slot's rows in unknown order. Which row of B is the echo of which atom is a
-graph-matching problem: for orthogonal M the Gram matrices agree, ⟨a, a'⟩ = ⟨σ(a), σ(a')⟩, and
-nothing else about a single row identifies its partner. The search, on candidates a→b:
+One evidence search serves two framings:
+  two blocks       the binding recipe (recipes/binding.py) after its split phase: block A holds slot
+                   1's atoms, block B another slot's rows in unknown order; pairs a → σ(a).
+                   `match_blocks`, `MatchConfig`.
+  one dictionary   the echo detector (eval/echo.py): pairs i → j among the rows of one standard SAE,
+                   where which rows are "slot 1" is unknown too.
+For an orthogonal M the Gram matrices agree, ⟨a, a'⟩ = ⟨M a, M a'⟩, and nothing else about a single
+row identifies its partner. The search, on candidates a → b:
 
-  evidence  each comparison of two candidates, Ga[a,a'] against Gb[b,b'] (units of 1/√d), is a
+  evidence  each comparison of two candidates, G[a,a'] against G[b,b'] (units of 1/√d), is a
             log-likelihood ratio in nats: "one inner product seen twice" against "two unrelated
             entries", the entries' own distribution being the null. Agreeing on a large, rare value
             counts most; disagreeing costs down to −cap.
@@ -15,19 +19,14 @@ nothing else about a single row identifies its partner. The search, on candidate
             most (replicator dynamics on the agreement graph: local maxima are maximal cliques);
   grow      add Hungarian-best candidates with ≥ grow_evidence nats against the set; drop members
             that disagree with the rest on average;
+  judge     keep the best grown set (see `Largest`, `MostSupported`), stop when one is good enough;
   refine    fit M (Procrustes), rematch every row by cos(M a, b), refit.
 Pairs are then kept only if a map fitted *without them* predicts them (cross-validation, which
-needs ≳ 2d/3 pairs) and they beat the cosine that chance alignment reaches.
+needs ≳ 2d/3 pairs) and they beat the cosine that chance alignment reaches (`verdict`).
 
-Costs stay near (rows of A)·(rows of B) per step, so this runs on whole dictionaries. Measured on
-one CPU thread (one-off scripts): on split-phase SAEs of bound worlds it found 40 of 40 true pairs
-at d = 32 (48 atoms), 315 of 315 at d = 256 (384 atoms, 4 s) and 406 of 419 at d = 384 (576 atoms, 7
-s), none wrong, and 0 pairs on the `independent` control (no shared map) at d = 256 (14 s: every
-seed is tried); 924 of 924 planted pairs between 1,024-row blocks in d = 768 in 50 s. (Graduated
-assignment, used before, held an (na·nb)² affinity: 1 GiB at 128 rows, so the recipe matched only
-the most-used 128 rows and could never validate a map at d ≳ 190.) `fit_map`, `validate`,
-`chance_cos`, `llr`, `strong_entries` and `largest_agreeing_set` are shared with the echo detector
-(eval/echo.py).
+What differs between the framings is the candidate set and its conflict rule (`TwoBlocks`,
+`OneDictionary`) and how a grown set is judged. Costs stay near (rows of A)·(rows of B) per step,
+so this runs on whole dictionaries; measurements are in RESULTS.md §6.
 """
 from __future__ import annotations
 
@@ -37,22 +36,24 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
+GROW_ROUNDS = 100      # a bound only: growth adds a third of the set per round, so it ends far sooner
+BATCH_FLOATS = 2**23   # seeds per batch ≤ this/(na·nb): the clique step holds 2·batch·na·nb floats
+
 
 @dataclass(frozen=True)
 class MatchConfig:
+    """The search's settings. The echo detector maps its own EchoConfig onto these."""
     map_kind: str = "orthogonal"  # fitted map: "orthogonal" (Procrustes) or "linear" (least squares)
-    sigma: float = 0.35           # spread of Ga[a,a'] − Gb[b,b'] for true pairs, units of 1/√d
-                                  # (0.23 on split blocks at d = 256; 0.32–0.36 in the bench's TopK SAEs)
+    sigma: float = 0.35           # spread of G[a,a'] − G[b,b'] for true pairs, units of 1/√d (measured)
     cap: float = 3.0              # evidence floor (nats) for one disagreeing comparison
     seed_degree: float = 5.0      # "strong" Gram entries: the top seed_degree per row
-    n_seeds: int = 1000           # seeds tried at most, best agreement first (a true one grew from
-                                  # the first 16 in every trained and planted case measured; trying
-                                  # them all took 14 s on 300 x 300 unrelated rows in d = 200)
+    n_seeds: int = 1000           # seeds tried at most, best agreement first: true seeds come first,
+                                  # and without a map every seed is tried, so this bounds that cost
     seed_batch: int = 32
     pool: int = 100               # candidates per seed handed to the clique step
     min_cluster: int = 7          # clique size a seed needs to be grown
     grow_evidence: float = 8.0    # nats a candidate needs against the growing set to join it
-    stop_share: float = 0.5       # stop once a seed grew to this share of the smaller block
+    stop_share: float = 0.5       # two blocks: stop once a seed grew to this share of the smaller block
     refine_cos: float = 0.7       # pairs used to refit M while refining
     refine_iters: int = 10
     min_cos: float = 0.8          # kept pairs: held-out cos(M a, b) ≥ this...
@@ -72,7 +73,8 @@ class Match:
     pinned: bool = False      # pairs outnumber d: M is determined on all of R^d, not just a span
 
     def __repr__(self) -> str:
-        return f"Match(pairs={len(self.pairs)}, share={self.share:.3f}, n_rows={self.n_rows}, pinned={self.pinned})"
+        return (f"{type(self).__name__}(pairs={len(self.pairs)}, share={self.share:.3f}, n_rows={self.n_rows}, "
+                f"pinned={self.pinned})")
 
 
 def fit_map(A: torch.Tensor, B: torch.Tensor, kind: str = "orthogonal") -> torch.Tensor:
@@ -97,14 +99,14 @@ def validate(X: torch.Tensor, Y: torch.Tensor, g: torch.Generator, map_kind: str
     if P < 2 * d / 3 + 1:
         if map_kind != "orthogonal":
             return torch.zeros(P), False
-        return torch.nn.functional.cosine_similarity(X @ fit_map(X, Y).T, Y, dim=1), False
+        return _cos(X @ fit_map(X, Y).T, Y), False
     folds = P if P <= 200 else folds
     fold = torch.randperm(P, generator=g) % folds
     out = torch.zeros(P)
     for f in range(folds):
         test = fold == f
         M = fit_map(X[~test], Y[~test], map_kind)
-        out[test] = torch.nn.functional.cosine_similarity(X[test] @ M.T, Y[test], dim=1)
+        out[test] = _cos(X[test] @ M.T, Y[test])
     return out, True
 
 
@@ -117,6 +119,84 @@ def chance_cos(U: torch.Tensor, g: torch.Generator, min_cos: float, null_false_p
     r = torch.randn(max(4000, int(20 / level)), U.shape[1], generator=g)
     best = ((r / r.norm(dim=1, keepdim=True)) @ U.T).amax(1)
     return max(min_cos, float(torch.quantile(best, 1 - level)))
+
+
+def _cos(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(X, Y, dim=1)
+
+
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    X = X.detach().float().cpu()
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _off_diagonal(G: torch.Tensor) -> torch.Tensor:
+    return G[~torch.eye(len(G), dtype=torch.bool)]
+
+
+# -- the candidate sets ---------------------------------------------------------------------------
+class TwoBlocks:
+    """Candidates a → b from a row of A to a row of B (id a·nb + b). Each row takes one partner, so
+    two candidates clash when they share a row of A or a row of B."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        self.Ua, self.Ub = _unit(A), _unit(B)
+        (self.na, self.d), self.nb = self.Ua.shape, self.Ub.shape[0]
+        self.Ga = (self.Ua @ self.Ua.T) * math.sqrt(self.d)
+        self.Gb = (self.Ub @ self.Ub.T) * math.sqrt(self.d)
+
+    def entries(self) -> torch.Tensor:
+        """Gram entries whose distribution is the evidence's null."""
+        return torch.cat([_off_diagonal(self.Ga), _off_diagonal(self.Gb)])
+
+    def seed_ok(self, a, a2, b, b2) -> torch.Tensor:
+        """Which seeds {a→b, a2→b2} (broadcast) to try: with two blocks, all."""
+        return torch.ones(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.bool)
+
+    def block(self, s: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> None:
+        """Set s (n, na, nb), scores of all candidates, to −1e9 where a candidate clashes with the
+        members src → tgt (n, q)."""
+        n = torch.arange(len(s))[:, None].expand_as(src)
+        s[n, src, :] = -1e9
+        s[n, :, tgt] = -1e9
+
+    def clash(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(…, r, r) from (…, r): pairs of candidates that cannot both hold."""
+        return (src[..., :, None] == src[..., None, :]) | (tgt[..., :, None] == tgt[..., None, :])
+
+    def forbid(self, C: torch.Tensor) -> None:
+        """Lower the (na, nb) cosines of candidates that are not allowed at all: none here."""
+
+
+class OneDictionary(TwoBlocks):
+    """Candidates i → j between rows of one dictionary U (id i·m + j, i ≠ j). The map takes
+    "slot-1" rows to "slot-2" rows, so a row is a source or a target, not both: candidates also
+    clash when one's source is the other's target (d_aᵀM d_b ≠ d_aᵀMᵀd_b, so mixed directions do
+    not agree), and {j→i, l→k} is the seed {i→j, k→l} for M⁻¹, tried once."""
+
+    def __init__(self, U: torch.Tensor):
+        super().__init__(U, U)
+
+    def entries(self) -> torch.Tensor:
+        return _off_diagonal(self.Ga)          # once: Gb is the same matrix
+
+    def seed_ok(self, i, k, j, l) -> torch.Tensor:
+        ok = (i != j) & (i != l) & (k != j) & (k != l)
+        return ok & (torch.minimum(i, k) < torch.minimum(j, l))
+
+    def block(self, s, src, tgt) -> None:
+        used = torch.cat([src, tgt], 1)        # a member's rows are taken in either role; i → i never
+        n = torch.arange(len(s))[:, None].expand_as(used)
+        s[n, used, :] = -1e9
+        s.transpose(1, 2)[n, used, :] = -1e9
+        s.diagonal(dim1=1, dim2=2).fill_(-1e9)
+
+    def clash(self, src, tgt) -> torch.Tensor:
+        cross = (src[..., :, None] == tgt[..., None, :]) | (tgt[..., :, None] == src[..., None, :])
+        return super().clash(src, tgt) | cross
+
+    def forbid(self, C) -> None:
+        C.fill_diagonal_(-1)
 
 
 # -- evidence -------------------------------------------------------------------------------------
@@ -142,31 +222,28 @@ def llr(x: torch.Tensor, y: torch.Tensor, grid: torch.Tensor, log_p: torch.Tenso
     return out.sub_(log_p[pos]).clamp_min_(-cap)
 
 
-def _off_diagonal(G: torch.Tensor) -> torch.Tensor:
-    return G[~torch.eye(len(G), dtype=torch.bool)]
-
-
 class _Evidence:
     """K[p, q] for candidates p = a·nb + b, q = a'·nb + b': the evidence that both belong to one
-    map. Computed on demand: the full matrix has (na·nb)² entries."""
+    map. Computed on demand: the full matrix has (na·nb)² entries. Candidates that share a row
+    carry no information about each other (0); whether they may coexist is the clash rule's call."""
 
-    def __init__(self, Ga: torch.Tensor, Gb: torch.Tensor, cfg: MatchConfig):
-        self.Ga, self.Gb, self.na, self.nb, self.cfg = Ga, Gb, Ga.shape[0], Gb.shape[0], cfg
-        self.grid, self.log_p = log_marginal(torch.cat([_off_diagonal(Ga), _off_diagonal(Gb)]))
+    def __init__(self, cands: TwoBlocks, cfg: MatchConfig):
+        self.cands, self.cfg, self.na, self.nb = cands, cfg, cands.na, cands.nb
+        self.grid, self.log_p = log_marginal(cands.entries())
 
     def _llr(self, x, y):
         return llr(x, y, self.grid, self.log_p, self.cfg.sigma, self.cfg.cap)
 
     def pairs(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """K[p, q] elementwise (broadcast); 0 where p and q share a row (no information)."""
-        nb = self.nb
-        out = self._llr(self.Ga[p // nb, q // nb], self.Gb[p % nb, q % nb])
+        """K[p, q] elementwise (broadcast)."""
+        nb, c = self.nb, self.cands
+        out = self._llr(c.Ga[p // nb, q // nb], c.Gb[p % nb, q % nb])
         return out.masked_fill((p // nb == q // nb) | (p % nb == q % nb), 0.0)
 
     def rows(self, p: torch.Tensor) -> torch.Tensor:
         """K[p, :] as (len(p), na, nb): entry [i, a', b'] is the candidate a'→b'."""
         a, b = p // self.nb, p % self.nb
-        out = self._llr(self.Ga[a][:, :, None], self.Gb[b][:, None, :])
+        out = self._llr(self.cands.Ga[a][:, :, None], self.cands.Gb[b][:, None, :])
         out[torch.arange(len(p)), a, :] = 0.0
         out[torch.arange(len(p)), :, b] = 0.0
         return out
@@ -182,29 +259,26 @@ def strong_entries(G: torch.Tensor, degree: float) -> torch.Tensor:
     return (A >= tau).nonzero()
 
 
-def _seeds(K: _Evidence) -> torch.Tensor:
+def _seeds(K: _Evidence, n_seeds: int) -> torch.Tensor:
     """(n, 2) candidate pairs {a→b, a'→b'} on strong entries of both Gram matrices, best first."""
-    ea, eb = strong_entries(K.Ga, K.cfg.seed_degree), strong_entries(K.Gb, K.cfg.seed_degree)
+    c, nb = K.cands, K.nb
+    ea, eb = strong_entries(c.Ga, K.cfg.seed_degree), strong_entries(c.Gb, K.cfg.seed_degree)
     ea = ea[ea[:, 0] < ea[:, 1]]                 # unordered a–a' against ordered b–b': each seed once
-    p1 = (ea[:, :1] * K.nb + eb[None, :, 0]).reshape(-1)
-    p2 = (ea[:, 1:] * K.nb + eb[None, :, 1]).reshape(-1)
-    top = K.pairs(p1, p2).topk(min(K.cfg.n_seeds, len(p1))).indices
+    a, a2, b, b2 = ea[:, :1], ea[:, 1:], eb[None, :, 0], eb[None, :, 1]
+    ok = c.seed_ok(a, a2, b, b2)
+    p1, p2 = (a * nb + b)[ok], (a2 * nb + b2)[ok]
+    top = K.pairs(p1, p2).topk(min(n_seeds, len(p1))).indices
     return torch.stack([p1[top], p2[top]], 1)
 
 
 def _clusters(K: _Evidence, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per seed: the `pool` candidates it supports most, and which of them form the largest set that
-    agrees pairwise (K > 0, no shared row). Returns pool (S, r) and membership (S, r)."""
-    S, nb = len(seeds), K.nb
-    support = K.rows(seeds.reshape(-1)).reshape(S, 2, K.na, nb).sum(1)
-    s = torch.arange(S)[:, None].expand(S, 2)
-    support[s, seeds // nb, :] = -1e9
-    support[s, :, seeds % nb] = -1e9
-    r = min(K.cfg.pool, K.na * nb)
-    u, pool = support.view(S, -1).topk(r, dim=1)
-    a, b = pool // nb, pool % nb
-    shared = (a[:, :, None] == a[:, None, :]) | (b[:, :, None] == b[:, None, :])
-    agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~shared
+    agrees pairwise (K > 0, no clash). Returns pool (S, r) and membership (S, r)."""
+    (S, q), nb = seeds.shape, K.nb
+    support = K.rows(seeds.reshape(-1)).reshape(S, q, K.na, nb).sum(1)
+    K.cands.block(support, seeds // nb, seeds % nb)
+    u, pool = support.view(S, -1).topk(min(K.cfg.pool, K.na * nb), dim=1)
+    agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~K.cands.clash(pool // nb, pool % nb)
     return pool, largest_agreeing_set(agree, u)
 
 
@@ -227,10 +301,9 @@ def _grow(K: _Evidence, start: list[int]) -> torch.Tensor:
     nb = K.nb
     S = torch.tensor(list(dict.fromkeys(start)))
     total = K.rows(S).sum(0)                    # (na, nb) evidence of every candidate against S
-    for _ in range(100):
+    for _ in range(GROW_ROUNDS):
         s = total.clone()
-        s[S // nb, :] = -1e9
-        s[:, S % nb] = -1e9
+        K.cands.block(s[None], (S // nb)[None], (S % nb)[None])
         r, c = linear_sum_assignment(s.numpy(), maximize=True)
         val = s[r, c]
         order = torch.argsort(val, descending=True)
@@ -248,38 +321,79 @@ def _grow(K: _Evidence, start: list[int]) -> torch.Tensor:
     return S
 
 
-def _refine(Ua: torch.Tensor, Ub: torch.Tensor, M: torch.Tensor, cfg: MatchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alternate: match rows by cos(M a, b) (Hungarian, ≥ refine_cos), refit M on the matches."""
+def refine(cands: TwoBlocks, M: torch.Tensor, cfg: MatchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate: match rows by cos(M a, b) (Hungarian, ≥ refine_cos), refit M on the matches.
+    Returns M and the last matching with ≥ 3 pairs (empty if none)."""
     r = c = torch.zeros(0, dtype=torch.long)
     for it in range(cfg.refine_iters + 1):
-        MA = Ua @ M.T
-        C = (MA / MA.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ Ub.T
+        MA = cands.Ua @ M.T
+        C = (MA / MA.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ cands.Ub.T
+        cands.forbid(C)
         rr, cc = linear_sum_assignment(C.numpy(), maximize=True)
         ok = C[rr, cc].numpy() >= cfg.refine_cos
         if ok.sum() < 3:
             break
         r, c = torch.from_numpy(rr[ok]), torch.from_numpy(cc[ok])
         if it < cfg.refine_iters:
-            M = fit_map(Ua[r], Ub[c], cfg.map_kind)
+            M = fit_map(cands.Ua[r], cands.Ub[c], cfg.map_kind)
     return M, r, c
 
 
-def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfig()) -> Match:
-    """Pairs a → σ(a) between the rows of A and of B, and one map with B[σ(a)] ≈ M A[a] (see the
-    module docstring). Pairs index A (column 0) and B (column 1)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    Ua = A.detach().float().cpu()
-    Ub = B.detach().float().cpu()
-    Ua = Ua / Ua.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    Ub = Ub / Ub.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    (na, d), nb = Ua.shape, Ub.shape[0]
-    none = Match(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, na + nb)
+class Largest:
+    """Two blocks: the largest grown set wins, refined once afterwards; stop once one reaches
+    `enough`. With the partition known a grown set's size is a faithful score."""
+
+    def __init__(self, enough: float):
+        self.enough, self.best = enough, torch.zeros(0, dtype=torch.long)
+
+    def offer(self, K: _Evidence, grown: torch.Tensor) -> None:
+        if len(grown) > len(self.best):
+            self.best = grown
+
+    def done(self) -> bool:
+        return len(self.best) >= self.enough
+
+
+class MostSupported:
+    """One dictionary: refine every grown set of ≥ min_size into a map, and judge it by how many
+    refined pairs the Gram evidence supports (≥ min_evidence nats per comparison against the
+    others), not by how many rows it matches: in few dimensions a wrong map matches many rows at
+    chance-level cosines. Stop after `stop_after` sets reached `enough` supported pairs.
+    `best` = (M, r, c, evidence per pair) or None."""
+
+    def __init__(self, min_size: int, enough: int, min_evidence: float, stop_after: int):
+        self.min_size, self.enough, self.min_evidence, self.stop_after = min_size, enough, min_evidence, stop_after
+        self.best, self.score, self.found = None, None, 0
+
+    def offer(self, K: _Evidence, grown: torch.Tensor) -> None:
+        if len(grown) < self.min_size:
+            return
+        c, nb = K.cands, K.nb
+        M, r, t = refine(c, fit_map(c.Ua[grown // nb], c.Ub[grown % nb], K.cfg.map_kind), K.cfg)
+        evidence = pair_evidence(K, r * nb + t)
+        score = (int((evidence >= self.min_evidence).sum()), len(r))
+        if self.best is None or score > self.score:
+            self.best, self.score = (M, r, t, evidence), score
+        self.found += score[0] >= self.enough
+
+    def done(self) -> bool:
+        return self.found >= self.stop_after
+
+
+def pair_evidence(K: _Evidence, ids: torch.Tensor) -> torch.Tensor:
+    """Each candidate's mean evidence (nats per comparison) against the other candidates in ids."""
+    return K.pairs(ids[:, None], ids[None, :]).sum(1) / max(len(ids) - 1, 1)
+
+
+def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None) -> None:
+    """Seed → cluster → grow, offering each grown set to `judge` (Largest or MostSupported), which
+    keeps the best; seeds go in batches until the judge is done or n_seeds (cfg.n_seeds) are tried."""
+    na, nb = cands.na, cands.nb
     if min(na, nb) < 4:
-        return none
-    K = _Evidence((Ua @ Ua.T) * math.sqrt(d), (Ub @ Ub.T) * math.sqrt(d), cfg)
-    seeds = _seeds(K)
-    best = torch.zeros(0, dtype=torch.long)
-    per_batch = max(4, min(cfg.seed_batch, 2**23 // (na * nb)))  # the support tensor: 2·batch·na·nb floats
+        return
+    K = _Evidence(cands, cfg)
+    seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
+    per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
     for start in range(0, len(seeds), per_batch):
         batch = seeds[start:start + per_batch]
         pool, member = _clusters(K, batch)
@@ -287,19 +401,65 @@ def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfi
         for s in torch.argsort(size, descending=True).tolist():
             if size[s] < cfg.min_cluster:
                 break
-            grown = _grow(K, batch[s].tolist() + pool[s][member[s]].tolist())
-            if len(grown) > len(best):
-                best = grown
-        if len(best) >= cfg.stop_share * min(na, nb):
+            judge.offer(K, _grow(K, batch[s].tolist() + pool[s][member[s]].tolist()))
+        if judge.done():
             break
+
+
+# -- which pairs to keep --------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    cos: torch.Tensor          # (P,) held-out cos(M a, b) (in-sample where too few to hold out)
+    keep: torch.Tensor         # (P,) bool
+    threshold: float           # the cos a pair must reach: max(min_cos, chance)
+    in_sample: torch.Tensor | None = None  # (P,) cos under one map fitted on all pairs
+
+
+def verdict(cands: TwoBlocks, r: torch.Tensor, c: torch.Tensor, g: torch.Generator, cfg: MatchConfig,
+            evidence: torch.Tensor | None = None, min_evidence: float = 0.0) -> Verdict:
+    """Keep pairs a → b that a map fitted without them predicts above the chance null. With
+    `evidence` (per pair, `pair_evidence`), a pair the held-out map misses is kept too if it fits
+    in-sample and the Gram evidence against the other pairs supports it: a right pair whose source
+    direction no other pair covers fails the held-out test."""
+    cos, validated = validate(cands.Ua[r], cands.Ub[c], g, cfg.map_kind, cfg.folds)
+    thr = chance_cos(cands.Ub, g, cfg.min_cos, cfg.null_false_pairs)
+    keep, in_sample = cos >= thr, None
+    if evidence is not None:
+        in_sample = _cos(cands.Ua[r] @ fit_map(cands.Ua[r], cands.Ub[c], cfg.map_kind).T, cands.Ub[c])
+        keep |= (in_sample >= thr) & (evidence >= min_evidence)
+    return Verdict(cos, keep & (validated or cfg.allow_unpinned), thr, in_sample)
+
+
+def first_come(cands: TwoBlocks, r: torch.Tensor, c: torch.Tensor, keep: torch.Tensor,
+               order: torch.Tensor) -> torch.Tensor:
+    """keep, less the pairs that clash with a kept pair earlier in `order`."""
+    clash, taken, keep = cands.clash(r, c), torch.zeros(len(r), dtype=torch.bool), keep.clone()
+    for p in order.tolist():
+        if keep[p] and (clash[p] & taken).any():
+            keep[p] = False
+        elif keep[p]:
+            taken[p] = True
+    return keep
+
+
+def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfig()) -> Match:
+    """Pairs a → σ(a) between the rows of A and of B, and one map with B[σ(a)] ≈ M A[a] (see the
+    module docstring). Pairs index A (column 0) and B (column 1)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    blocks = TwoBlocks(A, B)
+    (na, d), nb = blocks.Ua.shape, blocks.nb
+    none = Match(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, na + nb)
+    judge = Largest(cfg.stop_share * min(na, nb))
+    search(blocks, cfg, judge)
+    best = judge.best
     if len(best) < 3:
         return none
-    M, r, c = _refine(Ua, Ub, fit_map(Ua[best // nb], Ub[best % nb], cfg.map_kind), cfg)
+    M, r, c = refine(blocks, fit_map(blocks.Ua[best // nb], blocks.Ub[best % nb], cfg.map_kind), cfg)
     if len(r) < 3:
         return none
-    cos, validated = validate(Ua[r], Ub[c], g, cfg.map_kind, cfg.folds)
-    keep = (cos >= chance_cos(Ub, g, cfg.min_cos, cfg.null_false_pairs)) & (validated or cfg.allow_unpinned)
-    pairs = torch.stack([r, c], 1)[keep]
+    # Hungarian pairs between two blocks never clash, so `first_come` has nothing to drop here
+    v = verdict(blocks, r, c, g, cfg)
+    pairs = torch.stack([r, c], 1)[v.keep]
     if len(pairs) >= 3:
-        M = fit_map(Ua[pairs[:, 0]], Ub[pairs[:, 1]], cfg.map_kind)
-    return Match(M, pairs, cos[keep], 2 * len(pairs) / (na + nb), na + nb, len(pairs) > d)
+        M = fit_map(blocks.Ua[pairs[:, 0]], blocks.Ub[pairs[:, 1]], cfg.map_kind)
+    return Match(M, pairs, v.cos[v.keep], 2 * len(pairs) / (na + nb), na + nb, len(pairs) > d)
