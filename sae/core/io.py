@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae.core import files
+from sae.core import files, hub
 from typing import TYPE_CHECKING
 
 from sae.core.architectures.registry import ARCHITECTURES
@@ -107,12 +107,43 @@ def is_dictionary(path: Path) -> bool:
     return ours and files.only_files(path, {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, *extra})
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load any dictionary saved by `save`, or a SAELens-saved directory of the same architectures."""
-    path = Path(path)
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
+         sae_id: str | None = None) -> SAE:
+    """Load a dictionary: a local folder saved by `save` (or by SAELens, same architectures); a
+    Hugging Face Hub repo with an optional sub-folder, "owner/repo/sub/folder" or
+    "hf://owner/repo/sub/folder" (`revision`: a branch, tag or commit); or, with `sae_id`, the SAE
+    `sae_id` of the SAELens release `path` (needs sae-lens). A local folder wins over a Hub id of
+    the same name. HF_HUB_OFFLINE=1 reads only the local Hugging Face cache (sae/core/hub.py)."""
+    folder, overrides = locate(path, revision=revision, sae_id=sae_id)
+    return _load_dir(folder, device, overrides)
+
+
+def locate(path: str | os.PathLike, *, revision: str | None = None, sae_id: str | None = None) -> tuple[Path, dict]:
+    """(local folder, cfg.json overrides) of what `load` takes: the folder itself, or the Hugging
+    Face cache's copy of a Hub dictionary or SAELens release (downloaded unless HF_HUB_OFFLINE=1)."""
+    try:
+        if sae_id is not None:
+            repo_id, folder, overrides = hub.release_location(str(path), sae_id)
+            return hub.download(repo_id, folder, _file_names(), revision), overrides
+        where = hub.parse_hub_path(path)
+        if where is not None:
+            return hub.download(*where, _file_names(), revision), {}
+    except hub.HubError as e:
+        raise LoadError(str(e)) from None
+    return Path(path), {}
+
+
+def _file_names() -> list[str]:
+    """Every file a dictionary folder may hold, cfg.json first (what a Hub download asks for)."""
+    extra = sorted({cls.extra_weights_file for cls in ARCHITECTURES.values() if cls.extra_weights_file})
+    return [CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, *extra]
+
+
+def _load_dir(path: Path, device, overrides: dict | None = None) -> SAE:
+    """A dictionary folder; `overrides` replace cfg.json fields (a SAELens release's config_overrides)."""
     if not path.is_dir():
         raise LoadError(f"{path}: not a directory")
-    cfg = read_json(path / CFG_FILE)
+    cfg = {**read_json(path / CFG_FILE), **(overrides or {})}
     state = read_safetensors(path / WEIGHTS_FILE)
     if "sae" in cfg:
         model = _from_our_cfg(path, cfg["sae"])
@@ -154,7 +185,7 @@ def _from_saelens_cfg(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[
     if arch not in FROM_SAELENS:
         raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; "
                         f"SAELens architectures read: {', '.join(sorted(FROM_SAELENS))}")
-    if cfg.get("normalize_activations", "none") != "none":
+    if cfg.get("normalize_activations", "none") not in ("none", None, False):  # pre-6.0 configs say false
         raise LoadError(f"{path / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r} needs a "
                         "run-time scale that is not stored with the weights; fold it and save with 'none'")
     try:

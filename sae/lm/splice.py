@@ -4,7 +4,8 @@ activation, and measure what that costs against the clean model and two ablation
     res = splice_eval(model, sae, "blocks.1.hook_resid_post", batches)
     python -m sae.eval.splice runs/topk-x [--model scenes] [--n-sequences 512] [--out splice.json]
 
-Conditions, each one forward pass per batch with a transformer-lens hook on `hook`:
+Conditions, each one forward pass per batch with `hook` replaced through sae.lm.attach (`attached`
+for the dictionary, `replacing` for the ablations):
     clean    no intervention
     sae      activation -> SAE reconstruction x_hat
     zero     activation -> 0                        (SAEBench's baseline)
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from sae.core.io import load
 from sae.core.metrics import RunningStats
 from sae.lm import models
-from sae.lm.attach import ReplaceRows, reconstruct
+from sae.lm.attach import attached, replacing
 from sae.lm.cache import CacheConfig, check_config, open_source
 from sae.lm.minilm import mean_pool
 from sae.lm.scenes import sample_batch
@@ -69,6 +70,16 @@ class TokenBatch:
 def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512, batch_size: int = 64,
                  split: str = "test", seed: int = 12345, seq_len: int = 0) -> list[TokenBatch]:
     """Token batches for splicing, with the same row selection as sae.lm.cache (drop_bos on)."""
+    out = list(iter_batches(model_id, model, source, n_sequences, batch_size, split, seed, seq_len))
+    if not out:
+        raise ValueError(f"source {source}: no sequences")
+    return out
+
+
+def iter_batches(model_id: str, model, source: str = "", n_sequences: int = 512, batch_size: int = 64,
+                 split: str = "test", seed: int = 12345, seq_len: int = 0):
+    """make_batches one batch at a time, so a long source is never held whole (the dashboards
+    stream a dictionary's data through this when there is no cache)."""
     source = source or ("generator" if model_id == models.BUILTIN else str(ENGLISH))
     cfg = CacheConfig(model=model_id, source=source, n_sequences=n_sequences, split=split, seed=seed,
                       seq_len=seq_len, hooks=["unused"], out="unused")
@@ -78,16 +89,10 @@ def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512,
     except (ValueError, ImportError):
         tok = None
     src = open_source(cfg, tok, model.cfg.n_ctx)
-    bos = tok.bos_token_id if tok is not None else None
-    drop = [t for t in (bos, *getattr(tok, "drop_token_ids", ())) if t is not None]
-    no_target = [t for t in (bos,) if t is not None]
-    if model_id == models.BUILTIN:  # the scenes model's PAD positions carry nothing and predict nothing
-        drop.append(tok.pad_token_id)
-        no_target.append(tok.pad_token_id)
+    drop, no_target = _unscored_tokens(model_id, tok)
     scenes = None
     if source == "generator":
-        scenes = sample_batch(n_sequences, seed, split)  # the generator source's own scenes (same call)
-    out = []
+        scenes = sample_batch(src.n_sequences, seed, split)  # the generator source's own scenes (same call)
     for b, toks, lengths in src.batches(0, batch_size):
         if source != "generator":  # drop the batch's all-padding tail columns (nothing there to score)
             toks = toks[:, : int(lengths.max())]
@@ -101,10 +106,19 @@ def make_batches(model_id: str, model, source: str = "", n_sequences: int = 512,
             rows = slice(b * batch_size, b * batch_size + len(toks))
             assert torch.equal(scenes.tokens[rows], toks), "scenes generator and cache source disagree"
             batch.answer_pos, batch.answers = scenes.answer_pos[rows], scenes.answers[rows]
-        out.append(batch)
-    if not out:
-        raise ValueError(f"source {source}: no sequences")
-    return out
+        yield batch
+
+
+def _unscored_tokens(model_id: str, tok) -> tuple[list[int], list[int]]:
+    """(token ids never spliced, token ids never predicted): BOS and the tokenizer's other special
+    tokens, as the cache drops them; the scenes model's PAD carries nothing and predicts nothing."""
+    bos = tok.bos_token_id if tok is not None else None
+    drop = [t for t in (bos, *getattr(tok, "drop_token_ids", ())) if t is not None]
+    no_target = [t for t in (bos,) if t is not None]
+    if model_id == models.BUILTIN:
+        drop.append(tok.pad_token_id)
+        no_target.append(tok.pad_token_id)
+    return drop, no_target
 
 
 # -----------------------------------------------------------------------------
@@ -157,40 +171,32 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
     sae.eval()
     encoder = is_encoder(model)
     pad_id = getattr(model, "pad_id", 0)  # encoders: padding is left out of the mean pool
+    conditions = ["clean", "sae", "zero", "mean"] + (["error"] if error_term else [])
+    sums: dict = {c: {} for c in conditions}
+    stats = RunningStats(sae.n_total)
     try:
-        # pass 1: the mean activation over the rows that get replaced (the mean-ablation vector)
-        total, count = None, 0
-        for b in batches:
-            act = models.hook_activations(model, b.tokens, [hook])[hook]
-            a = act[b.splice.to(act.device)].double()
-            total = a.sum(0) if total is None else total + a.sum(0)
-            count += len(a)
-        if count == 0:
-            raise ValueError("no rows to splice: every position is BOS/PAD/special")
-        mean = (total / count).float()
-        if mean.shape[-1] != sae.d_in:
-            raise ValueError(f"hook {hook} has width {mean.shape[-1]} but the SAE has d_in={sae.d_in}")
-
-        conditions = ["clean", "sae", "zero", "mean"] + (["error"] if error_term else [])
-        sums: dict = {c: {} for c in conditions}
-        stats = RunningStats(sae.n_total)
+        mean, count = _mean_activation(model, hook, batches, sae.d_in)
+        ablations = {"zero": lambda name, x: torch.zeros_like(x),
+                     "mean": lambda name, x: mean.to(x.device, x.dtype).expand_as(x).clone()}
         bar = tqdm(batches, desc=f"splice {hook}", disable=not progress, dynamic_ncols=True)
         for bi, b in enumerate(bar):
             clean = model(b.tokens)
 
-            def sae_rows(x, bi=bi, b=b):
-                x_hat, codes = reconstruct(sae, x, scale)
+            def sae_rows(name, x, x_hat, codes, bi=bi, b=b):
                 stats.update(x, x_hat, codes.to(x.device))
                 if on_rows is not None:
-                    seq = b.splice.nonzero()[:, 0]
-                    on_rows(x, x_hat, codes, bi, seq)
-                return x_hat
+                    on_rows(x, x_hat, codes, bi, b.splice.nonzero()[:, 0])
 
-            fns = {"sae": sae_rows, "zero": torch.zeros_like,
-                   "mean": lambda x: mean.to(x.device, x.dtype).expand_as(x).clone(),
-                   "error": lambda x: (lambda xh: xh + (x - xh))(reconstruct(sae, x, scale)[0])}
             for c in conditions:
-                out = clean if c == "clean" else model.run_with_hooks(b.tokens, fwd_hooks=[(hook, ReplaceRows(b.splice, fns[c]))])
+                if c == "clean":
+                    out = clean
+                elif c in ablations:
+                    with replacing(model, {hook: ablations[c]}, positions=b.splice):
+                        out = model(b.tokens)
+                else:  # the dictionary itself, or it plus its error term
+                    with attached(model, {hook: sae}, positions=b.splice, scale=scale, error_term=c == "error",
+                                  on_rows=sae_rows if c == "sae" else None):
+                        out = model(b.tokens)
                 m = _encoder_metrics(out, clean, b, pad_id) if encoder else _lm_metrics(out, clean, b)
                 for scope, d in m.items():
                     acc = sums[c].setdefault(scope, {})
@@ -198,25 +204,43 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
                         acc[k] = acc.get(k, 0) + v
     finally:
         sae.train(was_training)
-
     result = {"hook": hook, "objective": "sentence_embedding" if encoder else "next_token",
               "n_sequences": sum(len(b.tokens) for b in batches), "n_spliced_rows": count, "scale": scale,
               "conditions": conditions, "scopes": {}, "reconstruction": stats.summary()}
-    for scope in sums["clean"]:
-        per = {}
-        for c in conditions:
-            s = sums[c][scope]
-            for k, v in s.items():
-                if not k.startswith("n"):
-                    per[f"{k}_{c}"] = v / s["n_pairs" if k == "sim_err" else "n"]
-        metrics = sorted({k.rsplit("_", 1)[0] for k in per})
-        for m in metrics:
-            for base in ("zero", "mean"):
-                denom = per[f"{m}_{base}"] - per[f"{m}_clean"]
-                per[f"{m}_recovered_{base}"] = (per[f"{m}_{base}"] - per[f"{m}_sae"]) / denom if denom != 0 else math.nan
-        per["n"] = sums["clean"][scope]["n"]
-        result["scopes"][scope] = per
+    result["scopes"] = {scope: _recovered(sums, scope, conditions) for scope in sums["clean"]}
     return result
+
+
+def _mean_activation(model, hook: str, batches: list[TokenBatch], d_in: int) -> tuple[torch.Tensor, int]:
+    """(mean, rows): the mean activation over the rows that get replaced, the mean-ablation vector."""
+    total, count = None, 0
+    for b in batches:
+        act = models.hook_activations(model, b.tokens, [hook])[hook]
+        a = act[b.splice.to(act.device)].double()
+        total = a.sum(0) if total is None else total + a.sum(0)
+        count += len(a)
+    if count == 0:
+        raise ValueError("no rows to splice: every position is BOS/PAD/special")
+    mean = (total / count).float()
+    if mean.shape[-1] != d_in:
+        raise ValueError(f"hook {hook} has width {mean.shape[-1]} but the SAE has d_in={d_in}")
+    return mean, count
+
+
+def _recovered(sums: dict, scope: str, conditions: list[str]) -> dict:
+    """Per-condition means of one scope's sums, and the share each baseline's loss the SAE recovers."""
+    per = {}
+    for c in conditions:
+        s = sums[c][scope]
+        for k, v in s.items():
+            if not k.startswith("n"):
+                per[f"{k}_{c}"] = v / s["n_pairs" if k == "sim_err" else "n"]
+    for m in sorted({k.rsplit("_", 1)[0] for k in per}):
+        for base in ("zero", "mean"):
+            denom = per[f"{m}_{base}"] - per[f"{m}_clean"]
+            per[f"{m}_recovered_{base}"] = (per[f"{m}_{base}"] - per[f"{m}_sae"]) / denom if denom != 0 else math.nan
+    per["n"] = sums["clean"][scope]["n"]
+    return per
 
 
 # -----------------------------------------------------------------------------
