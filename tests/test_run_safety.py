@@ -188,9 +188,11 @@ def test_permission_errors_are_one_line(shared_tmp):
     """As root every folder is writable, so the run drops to an unprivileged user where it can."""
     as_user = []
     if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv to drop privileges")
         as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        if shutil.which("setpriv") is None or subprocess.run([*as_user, sys.executable, "-c", "import torch, sae"],
+                                                             cwd=shared_tmp, capture_output=True).returncode:
+            pytest.skip("running as root and cannot run Python as an unprivileged user (its packages are "
+                        "private to root); test_a_read_only_folder_is_one_line covers the write side")
     write_tensors(shared_tmp / "data", torch.randn(512, 16))
     for p in [shared_tmp / "data", *(shared_tmp / "data").iterdir()]:
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -208,3 +210,20 @@ def test_permission_errors_are_one_line(shared_tmp):
     assert train(shared_tmp / "data", locked / "r") == f"error: cannot create {locked / 'r'}: permission denied"
     (shared_tmp / "data" / "manifest.json").chmod(0o600)  # a cache the user may not read
     assert train(shared_tmp / "data", shared_tmp / "r") == f"error: {shared_tmp / 'data' / 'manifest.json'}: permission denied"
+
+
+def test_a_read_only_folder_is_one_line(tmp_path):
+    """Root ignores permissions but not a read-only file system: mount one in a private namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount a private read-only filesystem")
+    write_tensors(tmp_path / "data", torch.randn(512, 16))
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    command = (f"mount -t tmpfs -o ro,size=64k tmpfs {frozen} && {sys.executable} {TRAIN_PY} --data "
+               f"{tmp_path / 'data'} --steps 5 --batch-size 64 --run-dir {frozen / 'r'}; echo rc=$?")
+    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", command], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    if "rc=" not in result.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {result.stderr.strip()[:200]}")
+    assert "rc=2" in result.stdout and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot create {frozen / 'r'}: read-only file system"
