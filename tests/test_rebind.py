@@ -1,4 +1,4 @@
-"""sae.train's binding recipe (sae/rebind.py): it recovers a superposed world's D and M with a fixed
+"""sae.train's binding recipe (sae/recipes/binding.py): it recovers a superposed world's D and M with a fixed
 seed, reports its truth-free verdicts, resumes by phase, and `start="continue"` continues a
 trained dictionary unchanged."""
 import pytest
@@ -47,8 +47,7 @@ def test_recovers_dictionary_and_transform(world, trained):
 
 def test_phases_are_runs_and_the_result_loads(trained):
     model, result, run_dir = trained
-    for phase in ("1-bind", "2-split"):
-        assert (run_dir / "phases" / phase / "metrics.json").exists()
+    assert (run_dir / "phases" / "1-standard" / "metrics.json").exists()
     loaded = sae.load(run_dir / "sae")
     x = torch.randn(64, EASY.d)
     assert torch.allclose(loaded.encode(x), model.encode(x), atol=1e-5)
@@ -96,5 +95,9 @@ def test_too_wide_to_validate_a_match_trains_plainly(tmp_path, monkeypatch):
         result = sae.train(model, x, steps=8, batch_size=128, run_dir=str(tmp_path / "run"))
     assert result.metrics["rebind_skipped"] == 1 and result.metrics["rebind_fallback"] == 1
     assert result.metrics["steps"] == 8 and not (tmp_path / "run" / "phases").exists()
-    assert 0 <= result.metrics["slot_usage"] <= 1
-    assert sae.load(tmp_path / "run" / "sae").cfg.n_slots == 2
+    assert result.metrics["slot_usage"] == 0
+    # the result is the standard SAE of the same budget (n_slots * n_latents latents), saved as the run's
+    saved = sae.load(tmp_path / "run" / "sae")
+    assert saved.architecture == result.model.architecture == "topk" and saved.cfg.n_latents == 600
+    # the BindingSAE passed in holds its most-used rows as a bag: slot 1 only, M_s = I
+    assert torch.allclose(model.slot_transforms[1], torch.eye(200))

@@ -214,3 +214,64 @@ def test_reconstruction_metrics():
     codes[::2, 1] = 2.0
     assert bm.l0(codes) == pytest.approx(1.5)
     assert bm.dead_fraction(codes) == pytest.approx(3 / 5)
+
+
+# -- realism knobs (all off by default: the named worlds draw what they always drew) -----------------
+def test_realism_knobs_off_leave_worlds_unchanged():
+    a = world(seed=5)
+    b = make_world(WorldConfig(**SMALL, seed=5, zipf=0.0, magnitude_spread=0.0, n_unbound=0))
+    assert torch.equal(a.sample(64, seed=1).x, b.sample(64, seed=1).x)
+    assert a.atom_weight is None and a.atom_scale is None and a.unbound_atoms is None
+
+
+def test_zipf_skews_atom_frequencies_within_families():
+    w = world(zipf=1.2, families=(20,), d=16)
+    c = (w.sample(20000, split="all").coefs > 0).float().mean((0, 1))
+    top, bottom = c.max().item(), c.min().item()
+    assert top / bottom > 20          # rank 1 vs rank 20: 20^1.2 ≈ 36
+    assert torch.equal(c.argmax(), w.atom_weight.argmax())
+    assert (world(families=(20,), d=16).sample(20000, split="all").coefs > 0).float().mean((0, 1)).std() < 0.01
+
+
+def test_magnitude_spread_scales_each_atom():
+    w = world(magnitude_spread=0.5, coef_noise=0.0)
+    c = w.sample(4000, split="all").coefs
+    for a in range(3):
+        vals = c[..., a][c[..., a] > 0]
+        assert torch.allclose(vals, torch.full_like(vals, w.atom_scale[a].item()), atol=1e-5)
+    assert w.atom_scale.std() > 0.2
+
+
+def test_optional_families_have_their_own_probability():
+    w = world(family_probs=(1.0, 0.3, 0.6), occupancy=1.0)
+    c = w.sample(8000).coefs > 0
+    present = torch.stack([c[:, :, w.family == f].any(-1).float().mean() for f in range(3)])
+    assert present[0] == 1.0
+    assert abs(present[1].item() - 0.3) < 0.05 and abs(present[2].item() - 0.6) < 0.05
+    with pytest.raises(ValueError):
+        world(family_probs=(0.5,))
+
+
+def test_unbound_features_carry_the_asked_share_and_no_slot():
+    w = world(n_unbound=6, unbound_share=0.15, noise=0.0)
+    shares = w.variance_shares()
+    assert shares["unbound"] == pytest.approx(0.15, abs=0.03)
+    s = w.sample(256, split="all")
+    assert s.unbound.shape == (256, 6) and (s.unbound > 0).any()
+    expected = torch.einsum("bsn,snd->bd", s.coefs, w.slot_atoms) + s.unbound @ w.unbound_atoms
+    assert torch.allclose(s.x, expected, atol=1e-5)
+    # swapped scenes keep the same unbound features
+    a, b = w.swap_pairs(64)
+    assert torch.equal(a.unbound, b.unbound)
+    assert w.mean_l0() > world(noise=0.0).mean_l0()
+
+
+def test_interference_and_identifiability():
+    w = world(d=16, families=(12, 12))
+    i = w.interference()
+    assert i["n_effective"] == 48 and 0 < i["mean_abs_cos"] < i["max_abs_cos"] < 1
+    assert i["jl_scale"] == pytest.approx(math.sqrt(2 * math.log(48) / 16))
+    assert w.identifiable()                                   # 24 atoms, 21 seen in slot 2 > d = 16
+    assert not world(d=16, families=(8, 8)).identifiable()    # 14 seen in slot 2 < 16: M_2 not pinned
+    assert not world(control="bag").identifiable() and not world(control="independent").identifiable()
+    assert world(control="bag").interference()["max_abs_cos"] < 1   # repeated directions are one atom

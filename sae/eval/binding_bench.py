@@ -97,7 +97,7 @@ def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: in
 
 
 @torch.no_grad()
-def score(model, world, seed: int, n_test: int = N_TEST) -> dict:
+def score(model, world, seed: int, n_test: int = N_TEST, echo: bool = True) -> dict:
     test = world.sample(n_test, seed=10_000 + seed)
     codes = model.encode(test.x)
     W = model.W_dec.detach()
@@ -111,13 +111,15 @@ def score(model, world, seed: int, n_test: int = N_TEST) -> dict:
     acc = bm.binding_accuracy(codes, test.coefs, latent)
     out = {"fvu": fvu(test.x, model.decode(codes)), "l0": bm.l0(codes), "dead": bm.dead_fraction(codes),
            "eff_mmcs": bm.effective_mmcs(W, world.slot_atoms), "slot_acc": acc.slot, "exact": acc.exact,
+           "recall": acc.detection * acc.slot,
            "swap": bm.swap_discrimination(ca, cb, sa.coefs, sb.coefs, latent)}
     held = world.held_out
     if held.any():
         ht = world.sample(n_test, seed=10_000 + seed, split="held_out")
-        out["ho_slot"] = bm.binding_accuracy(model.encode(ht.x), ht.coefs, latent, pairs=held).slot
+        ho = bm.binding_accuracy(model.encode(ht.x), ht.coefs, latent, pairs=held)
+        out["ho_slot"], out["ho_recall"] = ho.slot, ho.detection * ho.slot
         out["ho_coverage"] = float(bm.coverage(W, world.slot_atoms[held]).mean())
-    if model.architecture != "binding":  # the echo detector on the standard SAE's live rows
+    if echo and model.architecture != "binding":  # the echo detector on the standard SAE's live rows
         out.update(echo_scores(model, world, seed, codes if n_test == N_TEST else None))
     if model.architecture == "binding":
         out["dict_mmcs"], _ = bm.dictionary_mmcs(D, world.slot_atoms)

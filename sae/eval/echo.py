@@ -33,8 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.recipes.matching import (Match, MatchConfig, MostSupported, OneDictionary, first_come, fit_map, search,
-                                  verdict)
+from sae.recipes.matching import Match, MatchConfig, match_within
 
 
 @dataclass(frozen=True)
@@ -95,27 +94,8 @@ def find_echoes(W: torch.Tensor, cfg: EchoConfig = EchoConfig(),
     rows = torch.arange(m_all) if live is None else live.nonzero().squeeze(1)
     if len(rows) > cfg.max_rows:
         rows = rows[torch.randperm(len(rows), generator=g)[: cfg.max_rows].sort().values]
-    dictionary = OneDictionary(W[rows])
-    U, m, engine = dictionary.Ua, len(rows), cfg.search_config(len(rows))
-    enough = max(3, int(cfg.min_pairs_per_dim * d))
-    judge = MostSupported(max(3, min(enough, d // 2)), enough, cfg.min_evidence, cfg.stop_after)
-    search(dictionary, engine, judge)
-
-    if judge.best is None or len(judge.best[1]) < 3:
-        return EchoResult(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, m_all)
-    M, r, c, evidence = judge.best
-    v = verdict(dictionary, r, c, g, engine, evidence, cfg.min_evidence)
-    trivial = (U[r] * U[c]).sum(1) >= v.threshold        # already aligned: a duplicate, not an echo
-    keep = first_come(dictionary, r, c, v.keep & ~trivial, torch.argsort(v.cos, descending=True))
-    if keep.sum() < max(3, cfg.min_pairs_per_dim * d):
-        keep[:] = False
-    pairs = torch.stack([rows[r], rows[c]], 1)[keep]
-    if len(pairs) >= 3:
-        # The map is fitted on the kept pairs plus those it fits in-sample that fail the held-out
-        # test only because no other pair covers their direction: without them directions of R^d
-        # stay unpinned (RESULTS.md §6). They must not clash with a kept pair (one direction).
-        extra = (v.in_sample >= v.threshold) & ~trivial & ~keep
-        extra &= ~(dictionary.clash(r, c)[:, keep].any(1))
-        fit = keep | extra
-        M = fit_map(U[r[fit]], U[c[fit]], cfg.map_kind)
-    return EchoResult(M, pairs, v.cos[keep], 2 * len(pairs) / m, m_all, len(pairs) > d)
+    engine = cfg.search_config(len(rows))
+    res = match_within(W[rows], engine, min_pairs=cfg.min_pairs_per_dim * d,
+                       enough=max(3, int(cfg.min_pairs_per_dim * d)), min_evidence=cfg.min_evidence,
+                       stop_after=cfg.stop_after, g=g)
+    return EchoResult(res.transform, rows[res.pairs], res.cos, res.share, m_all, res.pinned)

@@ -15,6 +15,14 @@ structure that is not there.
     test = world.sample(4096, seed=1, split="held_out")   # every sample holds a held-out pair
     a, b = world.swap_pairs(2048)                    # scenes with one family's values exchanged
 
+Realism knobs (all off by default, so the named worlds draw exactly what they always drew): atom
+frequencies skewed within each family (`zipf`), per-atom magnitudes (`magnitude_spread`, log-normal),
+optional families (`family_probs`), slot occupancy, and unbound features (`n_unbound`,
+`unbound_share`): directions that fire whatever the slots hold and belong to no slot.
+`World.interference()` measures how crowded the effective atoms are; `World.identifiable()` says
+whether the atoms each slot uses span R^d (only then is M_s pinned down by the data).
+sae/eval/world_sample.py draws whole worlds at random from ranges of every knob.
+
 Everything is deterministic given the config's seed (world) and the seed passed to a sampler.
 """
 from __future__ import annotations
@@ -45,6 +53,11 @@ class WorldConfig:
     control: str = "none"                        # none | bag | independent | slot_id | magnitude
     slot_id_norm: float = 1.0                    # control="slot_id": norm of each slot's vector
     magnitude_ratio: float = 0.5                 # control="magnitude": slot s scaled by ratio**s
+    zipf: float = 0.0                            # P(atom of rank r in its family) ∝ r^-zipf (0: uniform)
+    magnitude_spread: float = 0.0                # atom a's coefficients scaled by exp(spread·N(0,1))
+    family_probs: tuple[float, ...] = ()         # per family P(an object carries it); () = family_prob
+    n_unbound: int = 0                           # unbound features: fire whatever the slots hold
+    unbound_share: float = 0.0                   # ...with this share of E||x - b||² (set via their rate)
     seed: int = 0
 
     @property
@@ -61,6 +74,7 @@ class WorldConfig:
 class Samples:
     x: torch.Tensor        # (N, d)
     coefs: torch.Tensor    # (N, S, n): coefficient of atom a in slot s (0 where absent)
+    unbound: torch.Tensor | None = None   # (N, n_unbound) coefficients of the unbound features
 
 
 @dataclass
@@ -73,6 +87,10 @@ class World:
     held_out: torch.Tensor           # (S, n) bool: (a, s) never occurs in the training split
     slot_vectors: torch.Tensor       # (S, d) additive slot-ID vectors (zero unless control=slot_id)
     bias: torch.Tensor               # (d,)
+    atom_weight: torch.Tensor | None = None    # (n,) within-family draw weights (None: uniform)
+    atom_scale: torch.Tensor | None = None     # (n,) per-atom magnitude (None: 1)
+    unbound_atoms: torch.Tensor | None = None  # (n_unbound, d) unit directions
+    unbound_rate: float = 0.0                  # P(an unbound feature fires in a sample)
 
     @property
     def n_atoms(self) -> int:
@@ -94,7 +112,8 @@ class World:
         coefs = self._draw_coefs(n, g, allow_held_out=(split != "train"))
         if split == "held_out":
             coefs = self._plant_held_out(coefs, g)
-        return Samples(self.render(coefs, g), coefs)
+        unbound = self._draw_unbound(n, g)
+        return Samples(self.render(coefs, g, unbound=unbound), coefs, unbound)
 
     def swap_pairs(self, n: int, seed: int | None = None) -> tuple[Samples, Samples]:
         """Training-split scenes and the same scenes with one family's attributes exchanged between
@@ -121,17 +140,71 @@ class World:
             kept_b.append(swapped[differ])
         ca, cb = torch.cat(kept_a)[:n], torch.cat(kept_b)[:n]
         eps = self._noise(n, g)
-        return (Samples(self.render(ca, noise=eps), ca), Samples(self.render(cb, noise=eps), cb))
+        u = self._draw_unbound(n, g)            # the same unbound features in both scenes
+        return (Samples(self.render(ca, noise=eps, unbound=u), ca, u),
+                Samples(self.render(cb, noise=eps, unbound=u), cb, u))
 
     def render(self, coefs: torch.Tensor, g: torch.Generator | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x from coefficients (N, S, n): Σ_s coefs_s · slot_atoms_s + slot-ID + b + ε."""
+               noise: torch.Tensor | None = None, unbound: torch.Tensor | None = None) -> torch.Tensor:
+        """x from coefficients (N, S, n): Σ_s coefs_s · slot_atoms_s + unbound + slot-ID + b + ε."""
         x = torch.einsum("bsn,snd->bd", coefs, self.slot_atoms)
+        if unbound is not None and self.unbound_atoms is not None:
+            x = x + unbound @ self.unbound_atoms
         occupied = (coefs > 0).any(-1).float()                          # (N, S)
         x = x + occupied @ self.slot_vectors + self.bias
         if noise is None:
             noise = self._noise(coefs.shape[0], g)
         return x + noise
+
+    # -- what a benchmark reports beside the results ----------------------------------------------
+    def interference(self) -> dict:
+        """How crowded the effective atoms M_s d_a are: mean and max |cos| between distinct ones, next to
+        the Johnson–Lindenstrauss scale √(2 ln N / d) that N random unit vectors in R^d reach."""
+        E = self.slot_atoms.reshape(-1, self.slot_atoms.shape[-1]).double()
+        E = E / E.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        N, d = E.shape
+        C = (E @ E.T).abs()
+        off = C[~torch.eye(N, dtype=torch.bool)]
+        # controls may repeat a direction in every slot (bag, magnitude): those are one atom
+        distinct = off[off < 1 - 1e-6]
+        return {"n_effective": N, "mean_abs_cos": float(distinct.mean()) if len(distinct) else 0.0,
+                "max_abs_cos": float(distinct.max()) if len(distinct) else 0.0,
+                "jl_scale": math.sqrt(2 * math.log(N) / d)}
+
+    def identifiable(self) -> bool:
+        """Whether the data pin M_s down: a shared map exists, it is invertible, and for every slot the
+        atoms that occur there (not held out) span R^d. Where they do not, M_s is free on the missing
+        directions and no method can be asked to predict held-out pairs."""
+        if self.cfg.control != "none" or self.transforms is None:
+            return False
+        d = self.atoms.shape[1]
+        if any(torch.linalg.matrix_rank(M.double()) < d for M in self.transforms):
+            return False
+        return all(int(torch.linalg.matrix_rank(self.atoms[~self.held_out[s]].double())) >= d
+                   for s in range(self.n_slots))
+
+    def variance_shares(self, n: int = 8192, seed: int = 12345) -> dict:
+        """Measured shares of E||x - mean||² carried by the bound atoms, the unbound features and noise."""
+        g = torch.Generator().manual_seed(seed)
+        coefs = self._draw_coefs(n, g, allow_held_out=False)
+        u = self._draw_unbound(n, g)
+        bound = torch.einsum("bsn,snd->bd", coefs, self.slot_atoms)
+        unbound = u @ self.unbound_atoms if u is not None else torch.zeros_like(bound)
+        noise = self._noise(n, g)
+        total = self.render(coefs, noise=noise, unbound=u)
+        var = lambda v: float((v - v.mean(0)).pow(2).sum(1).mean())  # noqa: E731
+        t = var(total)
+        return {"bound": var(bound) / t, "unbound": var(unbound) / t, "noise": var(noise) / t}
+
+    def mean_l0(self, n: int = 8192, seed: int = 12345) -> float:
+        """Mean number of active (slot, atom) pairs and unbound features per sample."""
+        g = torch.Generator().manual_seed(seed)
+        coefs = self._draw_coefs(n, g, allow_held_out=False)
+        u = self._draw_unbound(n, g)
+        l0 = (coefs > 0).sum((1, 2)).float()
+        if u is not None:
+            l0 = l0 + (u > 0).sum(1).float()
+        return float(l0.mean())
 
     # -- internals ------------------------------------------------------------------------------
     def _seed(self, seed: int | None, split: str) -> int:
@@ -147,26 +220,36 @@ class World:
             return torch.zeros(n, d)
         return torch.randn(n, d, generator=g) * (self.cfg.noise / math.sqrt(d))
 
+    def _draw_unbound(self, n: int, g: torch.Generator) -> torch.Tensor | None:
+        if self.unbound_atoms is None:
+            return None
+        fires = torch.rand(n, len(self.unbound_atoms), generator=g) < self.unbound_rate
+        c = (1 + self.cfg.coef_noise * torch.randn(fires.shape, generator=g)).clamp_min(0.1)
+        return c * fires
+
     def _draw_coefs(self, n: int, g: torch.Generator, allow_held_out: bool) -> torch.Tensor:
         cfg, S, na, F = self.cfg, self.n_slots, self.n_atoms, len(self.cfg.families)
         occupied = torch.rand(n, S, generator=g) < cfg.occupancy
         empty = ~occupied.any(1)
         occupied[empty, torch.randint(0, S, (int(empty.sum()),), generator=g)] = True
         # which families an object carries; an object carries at least one
-        has = (torch.rand(n, S, F, generator=g) < cfg.family_prob) & occupied[..., None]
+        probs = torch.tensor(cfg.family_probs) if cfg.family_probs else torch.full((F,), float(cfg.family_prob))
+        has = (torch.rand(n, S, F, generator=g) < probs) & occupied[..., None]
         bare = occupied & ~has.any(-1)
         has[bare.nonzero(as_tuple=True) + (torch.randint(0, F, (int(bare.sum()),), generator=g),)] = True
         coefs = torch.zeros(n, S, na)
         for f in range(F):
             members = (self.family == f).nonzero().squeeze(1)
             for s in range(S):
-                w = torch.ones(len(members))
+                w = torch.ones(len(members)) if self.atom_weight is None else self.atom_weight[members].clone()
                 if not allow_held_out:
                     w = w * (~self.held_out[s, members]).float()
                 if w.sum() == 0:            # every member held out of this slot: family absent
                     continue
                 pick = members[torch.multinomial(w, n, replacement=True, generator=g)]
                 c = (1 + cfg.coef_noise * torch.randn(n, generator=g)).clamp_min(0.1)
+                if self.atom_scale is not None:
+                    c = c * self.atom_scale[pick]
                 rows = has[:, s, f].nonzero().squeeze(1)
                 coefs[rows, s, pick[rows]] = c[rows]
         return coefs
@@ -179,7 +262,8 @@ class World:
         s, a = pick[:, 0], pick[:, 1]
         same_family = self.family[None, :] == self.family[a][:, None]  # (N, n)
         coefs[rows, s] = coefs[rows, s] * (~same_family).float()
-        coefs[rows, s, a] = (1 + self.cfg.coef_noise * torch.randn(len(rows), generator=g)).clamp_min(0.1)
+        c = (1 + self.cfg.coef_noise * torch.randn(len(rows), generator=g)).clamp_min(0.1)
+        coefs[rows, s, a] = c if self.atom_scale is None else c * self.atom_scale[a]
         return coefs
 
 
@@ -253,4 +337,37 @@ def make_world(cfg: WorldConfig) -> World:
             held_out[s, members[torch.randperm(size, generator=g)[:k]]] = True
     for a, s in cfg.held_out_pairs:
         held_out[s, a] = True
-    return World(cfg, atoms, slot_atoms, transforms, family, held_out, slot_vectors, bias)
+    world = World(cfg, atoms, slot_atoms, transforms, family, held_out, slot_vectors, bias)
+    _add_realism(world, cfg)
+    return world
+
+
+def _add_realism(world: World, cfg: WorldConfig) -> None:
+    """The realism knobs, drawn from their own stream so that worlds without them are unchanged."""
+    if cfg.family_probs and len(cfg.family_probs) != len(cfg.families):
+        raise ValueError(f"family_probs needs one probability per family ({len(cfg.families)}), got {cfg.family_probs}")
+    if not 0 <= cfg.unbound_share < 1:
+        raise ValueError(f"unbound_share must be in [0, 1), got {cfg.unbound_share}")
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+    n, d = world.n_atoms, cfg.d
+    if cfg.zipf > 0:  # a random rank order within each family
+        weight = torch.zeros(n)
+        for f in range(len(cfg.families)):
+            members = (world.family == f).nonzero().squeeze(1)
+            ranks = torch.randperm(len(members), generator=g).double() + 1
+            weight[members] = (ranks ** -cfg.zipf).float()
+        world.atom_weight = weight
+    if cfg.magnitude_spread > 0:
+        world.atom_scale = torch.exp(cfg.magnitude_spread * torch.randn(n, generator=g))
+    if cfg.n_unbound > 0 and cfg.unbound_share > 0:
+        world.unbound_atoms = _unit_rows(cfg.n_unbound, d, g)
+        # E||bound part||² per sample, measured; the rate puts unbound_share of the signal there
+        coefs = world._draw_coefs(8192, torch.Generator().manual_seed(cfg.seed + 99), allow_held_out=False)
+        bound = torch.einsum("bsn,snd->bd", coefs, world.slot_atoms)
+        e_bound = float((bound - bound.mean(0)).pow(2).sum(1).mean())
+        e_one = 1 + cfg.coef_noise**2        # E c² of one unbound feature when it fires
+        want = cfg.unbound_share / (1 - cfg.unbound_share) * e_bound
+        # rate p: variance n_u·(p·E c² − p²·(E c)²) = want, the smaller root, at most 0.5
+        a, b = cfg.n_unbound * 1.0, cfg.n_unbound * e_one
+        disc = b * b - 4 * a * want
+        world.unbound_rate = min(0.5, (b - math.sqrt(disc)) / (2 * a) if disc > 0 else 0.5)

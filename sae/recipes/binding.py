@@ -1,35 +1,45 @@
-"""How `sae.train` trains a binding SAE by default: bind, split, match, rebind.
+"""How `sae.train` trains a binding SAE by default: standard, find, rebind (or fall back).
 
 A binding SAE trained plainly (gradient descent from random D and M_s) does not find the binding
 on a superposed world: which slot-2 direction is the echo M d_a of which atom d_a is a
 combinatorial registration problem, and gradient descent on M stalls in one of its many local
-optima (RESULTS.md). Graph matching solves that problem once the slot *partition* is known,
-because an orthogonal M preserves the Gram matrix. So, of the step budget T:
+optima (RESULTS.md). Graph matching solves it, because an orthogonal M preserves the Gram matrix.
+Of the step budget T:
 
-  1. bind    (25%) a binding SAE with free ("full") transforms from a random orthogonal start.
-             It rarely finds the correspondence, but its shared D settles on one slot's atoms.
-  2. split   (45%) untie: a standard SAE of the same sparsity rule whose decoder starts as
-             [D; M_2 D; ...] (and the same encoder). Its free blocks settle on the other slots.
-  3. match   graph matching (sae.recipes.matching.match_blocks) of block 1 against the live rows of the
-             other blocks gives, per slot, a correspondence and M_s (Procrustes); slot-s latents
-             are reordered by it, encoder columns moved with them.
-  4. rebind  (30%) the caller's model starts from D = block 1 and the fitted M_s, and is trained.
+  1. standard (STANDARD_SHARE) a standard SAE of the model's sparsity rule over all its
+              n_slots * n_latents codes, from a fresh start: the TopK SAE of the same budget.
+              Trained on matrix-bound data it learns every effective atom M_s d_a as its own row
+              ("echo features").
+  2. find     the evidence search of sae.recipes.matching on its live rows, with the slot partition
+              unknown (`match_within`, the echo detector's search): one map between two slots and
+              its pairs; the sources are one slot's rows, and every further slot is matched against
+              them as a block (`match_blocks`). Then every live row is placed: rows of one atom in
+              different slots become one atom of D (in the first slot's frame), and rows with no
+              partner become atoms of their own, so the tied model starts where the standard one is.
+  3. rebind   (the rest) the caller's model starts from that D, the fitted M_s and the standard
+              SAE's encoder columns, and is trained.
 
-If matching finds fewer than MIN_PAIRS pairs for a slot, step 4 starts from the step-1 model
-instead (`rebind_fallback` = 1). With more atoms than dimensions the matched pairs must be
-cross-validated, which needs about 2d/3 of them; the matching sees at most MATCH_ROWS rows per
-block, so above d ≈ 1500 it can never succeed: the recipe then trains plainly for the whole budget
-(`rebind_skipped` = 1) instead of wasting the split phase.
+The verdict is truth-free. Where no map is found (fewer than MIN_PAIRS, or than a cross-validated
+map needs, ~2d/3), or the rebound model reconstructs worse than the standard one by more than
+TIE_MARGIN (`tie_cost`), there is no matrix binding to report: the standard SAE is the result
+(trained for the rest of the budget when no map was found), `result.model` and `run_dir/sae` are
+that standard SAE, the metrics say `rebind_fallback` = 1, and a warning names it. The caller's
+BindingSAE is left holding the standard SAE's most-used rows as a bag (M_s = I, slot 1 only).
+The search takes the MATCH_ROWS most-used live rows; where a map could not be validated among so few
+(d above ~1,500), the recipe trains the standard SAE for the whole budget (`rebind_skipped` = 1).
 
-Truth-free verdicts land in the metrics: `rebind_pairs` (smallest matched count over slots),
-`tie_cost` (FVU of the tied model minus that of the untied one: large means the data is not
-matrix-bound) and `slot_usage` (share of active latents in slots >= 2: near 0 means a bag). With a run_dir each phase is its own resumable run under run_dir/phases/ and the
-final model is saved in run_dir like any other run's.
+Verdicts in the metrics: `rebind_pairs` (smallest count of rows matched to an atom over the free
+slots), `rebind_atoms` (atoms placed in D), `tie_cost` (FVU of the tied model minus that of the
+standard one on the same sample: large means the data is not matrix-bound), `slot_usage` (share of
+active latents in slots >= 2: near 0 means a bag), `rebind_fallback`, `rebind_skipped`. With a
+run_dir the standard phase is its own resumable run under run_dir/phases/1-standard and the final
+model is saved in run_dir like any other run's.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,162 +48,339 @@ from scipy.optimize import linear_sum_assignment
 from sae.core import files, io
 from sae.core.architectures.base import SAE, SAEConfig
 from sae.core.architectures.binding import BindingSAE
-from sae.recipes.matching import MatchConfig, fit_map, match_blocks
+from sae.recipes.matching import MatchConfig, chance_cos, fit_map, match_blocks, match_within
 from sae.core.metrics import batch_metrics
 from sae.core.config import OptionError
 from sae.core.run_dir import RunDir, is_run
 from sae.core.store import make_store
 from sae.core.trainer import TrainResult, train_loop
 
-BIND_SHARE, SPLIT_SHARE = 0.25, 0.45  # of the steps; rebind gets the rest
+STANDARD_SHARE = 0.75  # of the steps; the rebind (or, without a map, more of the standard SAE) gets the rest
 MIN_PAIRS = 8  # fewer matched pairs than this and the match is not trusted
+SEEDS = 4000  # seeds the search tries at most (the echo detector's budget)
 MIN_USAGE = 1e-3  # latents firing on fewer tokens are dead: their rows only add chance structure
-MATCH_ROWS = 1024  # matching costs ~rows² per step (50 s at 1024 rows): larger blocks match their most-used rows
-EXTEND_COS = 0.7  # after the map is found, other rows pair up where cos(M a, b) reaches this
+MATCH_ROWS = 1024  # the search costs ~rows² per step (~20 s at 1,024 rows): wider dictionaries are not searched
+EXTEND_COS = 0.7  # once the maps are known, rows are placed where cos(M a, b) reaches this (or chance's level)
+TIE_MARGIN = (0.01, 0.1)  # rebound model kept if its FVU <= standard FVU + 0.01 + 10% of it
 SAMPLE_ROWS = 16384  # activations for usage, tie cost and slot usage
+PHASE = "1-standard"
 
 
 def train_binding(model: BindingSAE, data, **options) -> TrainResult:
-    """Train `model` in place by bind/split/match/rebind (`options` are sae.train's); returns the
-    final phase's TrainResult with the recipe's verdicts added to its metrics."""
-    cfg = model.cfg
-    steps, seed = options.pop("steps"), options.pop("seed")
-    run_dir, resume = options.pop("run_dir", ""), options.pop("resume", False)
-    bind_steps, split_steps = int(BIND_SHARE * steps), int(SPLIT_SHARE * steps)
-    if min(bind_steps, split_steps) < 1:
-        raise ValueError(f"the binding recipe needs at least 4 steps, got {steps} (or use binding_recipe='plain')")
-    if cfg.n_latents > model.d_in and MATCH_ROWS < 2 * model.d_in / 3 + 1:
-        return _train_plain(model, data, steps, seed, run_dir, resume, options)
+    """Train `model` by standard/find/rebind (`options` are sae.train's); returns the final phase's
+    TrainResult with the recipe's verdicts in its metrics. Without a map, result.model is the
+    standard SAE (see the module docstring)."""
+    steps = options["steps"]
+    if min(int(STANDARD_SHARE * steps), steps - int(STANDARD_SHARE * steps)) < 1:
+        raise ValueError(f"the binding recipe needs at least 3 steps, got {steps} (or use binding_recipe='plain')")
+    run_dir, resume = options.get("run_dir", ""), options.get("resume", False)
     if not run_dir:
-        return _train_phases(model, data, steps, seed, None, False, options)
+        return _train_phases(model, data, options)
     files.check_output_dir(run_dir, "training run", is_run)  # refuse before the first phase trains
     with RunDir(run_dir).lock:  # held across phases; each phase's own train() re-enters it
         phases = Path(run_dir) / "phases"
         if not resume and _has_progress(phases):
             raise OptionError("run_dir", f"{run_dir} holds a binding run with finished or checkpointed phases: "
                               "continue it with {resume} or choose another folder", resume="resume")
-        return _train_phases(model, data, steps, seed, run_dir, resume, options)
+        return _train_phases(model, data, options)
 
 
 def _has_progress(phases: Path) -> bool:
     return any(phases.glob("*/metrics.json")) or any(phases.glob("*/checkpoints/step_*/trainer.json"))
 
 
-def _train_phases(model: BindingSAE, data, steps, seed, run_dir, resume, options) -> TrainResult:
-    cfg = model.cfg
-    bind_steps, split_steps = int(BIND_SHARE * steps), int(SPLIT_SHARE * steps)
+def _train_phases(model: BindingSAE, data, options) -> TrainResult:
+    options = dict(options)
+    steps, seed = options.pop("steps"), options.pop("seed")
+    run_dir, resume = options.pop("run_dir", ""), options.pop("resume", False)
+    cfg, n, S = model.cfg, model.n_latents, model.cfg.n_slots
+    first = int(STANDARD_SHARE * steps)
     phases = Path(run_dir) / "phases" if run_dir else None
 
-    def run_phase(name, m, n_steps, phase_seed, continue_training):
-        opts = dict(options, steps=n_steps, seed=phase_seed, binding_recipe="plain")
-        if continue_training:
-            opts["start"] = "continue"
-        if phases is None:
-            return train_loop(m, data, **opts)
-        where = phases / name
-        if (where / "metrics.json").exists():  # finished before an interruption
-            return TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
-        return train_loop(m, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
-
-    # 1. bind: free transforms from a random orthogonal start find the slot partition
-    torch.manual_seed(seed)
-    bind_cfg = {**model.config_dict(), "slot_transform": "full", "transform_init": "random_orthogonal"}
-    bound = run_phase("1-bind", BindingSAE(**bind_cfg), bind_steps, seed, continue_training=False).model
-
-    # 2. split: a standard SAE of the same rule, starting from the bound decoder and encoder
-    split = run_phase("2-split", split_sae(bound), split_steps, seed + 1, continue_training=True).model
-
-    # 3. match every free block to block 1, and start the caller's model there
-    x = _sample(data, options, seed).to(model.b_dec.device)
-    usage = (split.encode(x) > 0).float().mean(0).cpu()
-    info = rebind_(model, bound, split, usage, seed)
-
-    # 4. rebind
-    result = train_loop(model, data, **dict(options, steps=steps - bind_steps - split_steps, seed=seed + 2,
-                                          binding_recipe="plain", start="continue", run_dir=run_dir,
+    def final_phase(m, n_steps, phase_seed):
+        return train_loop(m, data, **dict(options, steps=n_steps, seed=phase_seed, binding_recipe="plain",
+                                          start="continue", run_dir=run_dir,
                                           resume=resume and (Path(run_dir) / "config.json").exists()))
+
+    # 1. a standard SAE of the model's rule over all S·n codes
+    torch.manual_seed(seed)
+    flat = standard_sae(model)
+    # a map must be cross-validated on ~2d/3 pairs, two rows each, among at most MATCH_ROWS rows
+    skipped = 2 * (int(2 * model.d_in / 3) + 1) > MATCH_ROWS
+    if skipped:
+        warnings.warn(f"binding recipe skipped: in d={model.d_in} a map needs ~{int(2 * model.d_in / 3) + 1} "
+                      f"validated pairs but at most {MATCH_ROWS} rows are searched; training a standard SAE",
+                      stacklevel=4)
+        first = steps
+    opts = dict(options, steps=first, seed=seed, binding_recipe="plain")
+    if phases is None or skipped:
+        opts.update(run_dir=run_dir if skipped else "", resume=resume if skipped else False)
+        std = train_loop(flat, data, **opts)
+    else:
+        where = phases / PHASE
+        if (where / "metrics.json").exists():  # finished before an interruption
+            std = TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
+        else:
+            std = train_loop(flat, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
+    flat = std.model
+    x = _sample(data, options, seed).to(flat.b_dec.device)
     with torch.no_grad():
-        tied, untied = model(x), split(x)
-        active = tied.codes > 0
-        info["slot_usage"] = (active[:, cfg.n_latents:].sum() / active.sum().clamp_min(1)).item()
-        info["tie_cost"] = (batch_metrics(x, tied.x_hat, tied.code.l0())["fvu"]
-                            - batch_metrics(x, untied.x_hat, untied.code.l0())["fvu"])
+        usage = (flat.encode(x) > 0).float().mean(0).cpu()
+    info = {"rebind_skipped": int(skipped)}
+    found = None if skipped else find_slots(flat, usage, S, seed, info)
+
+    if found is not None:
+        info["rebind_atoms"] = found.n_atoms
+        carried = init_from_slots_(model, flat, found, usage)
+        untied = _fvu(flat, x)
+        # the tied start, its carried latents silent, reproduces the standard SAE where the map is real
+        info["tie_cost_start"] = _fvu(model, x, silent=carried) - untied
+        if not _close(untied + info["tie_cost_start"], untied):
+            info["rebind_rejected"] = 1
+            found = None
+    if found is not None:
+        # 3. rebind from the placed rows
+        result = final_phase(model, steps - first, seed + 2)
+        tied = _fvu(model, x)
+        info["tie_cost"] = tied - untied
+        info["slot_usage"] = _slot_usage(model, x)
+        if _close(tied, untied):
+            info["rebind_fallback"] = 0
+            result.metrics.update(info)
+            if run_dir:
+                io.write_json(Path(run_dir) / "metrics.json", result.metrics)
+            return result
+        # the tied model does not reconstruct like the standard one: no binding to report
+        info["rebind_rejected"] = 2
+        metrics = {**std.metrics, **info, "steps": steps}
+        result = TrainResult(flat, metrics, Path(run_dir) if run_dir else None)
+        if run_dir:
+            io.save(flat, Path(run_dir) / "sae")
+    elif skipped:
+        result = std
+    else:
+        # no map: the standard SAE gets the rest of the budget
+        result = final_phase(flat, steps - first, seed + 2)
+    info.update(rebind_fallback=1, tie_cost=info.get("tie_cost", 0.0))
+    info.setdefault("rebind_pairs", 0)
+    info["slot_usage"] = 0.0
     result.metrics.update(info)
     if run_dir:
         io.write_json(Path(run_dir) / "metrics.json", result.metrics)
+    bag_(model, result.model, usage if not skipped else None, x)
+    warnings.warn(f"binding recipe: no matrix binding found ({_why(info)}); the result (result.model"
+                  f"{', run_dir/sae' if run_dir else ''}) is a standard {type(result.model).__name__} with "
+                  f"{cfg.n_total} latents, and the BindingSAE passed in holds its {n} most-used rows as a bag",
+                  stacklevel=4)
     return result
 
 
-def _train_plain(model: BindingSAE, data, steps, seed, run_dir, resume, options) -> TrainResult:
-    """The recipe cannot validate a match at this width: train plainly, and say so in the metrics."""
-    warnings.warn(f"binding recipe skipped: with {model.cfg.n_latents} atoms in d={model.d_in} a match needs "
-                  f"~{int(2 * model.d_in / 3) + 1} validated pairs but at most {MATCH_ROWS} rows are matched; "
-                  "training plainly", stacklevel=3)
-    result = train_loop(model, data, **dict(options, steps=steps, seed=seed, binding_recipe="plain",
-                                          run_dir=run_dir, resume=resume))
-    with torch.no_grad():
-        active = model(_sample(data, options, seed).to(model.b_dec.device)).codes > 0
-    result.metrics.update(rebind_pairs=0, rebind_fallback=1, rebind_skipped=1,
-                          slot_usage=(active[:, model.cfg.n_latents:].sum() / active.sum().clamp_min(1)).item())
-    if run_dir:
-        io.write_json(Path(run_dir) / "metrics.json", result.metrics)
-    return result
+def _why(info: dict) -> str:
+    if info.get("rebind_skipped"):
+        return "too many latents to search"
+    if info.get("rebind_rejected") == 1:
+        return f"the tied start reconstructs worse: tie_cost_start {info['tie_cost_start']:.3f}"
+    if info.get("rebind_rejected") == 2:
+        return f"the tied model reconstructs worse: tie_cost {info['tie_cost']:.3f}"
+    return f"{info.get('rebind_pairs', 0)} pairs matched"
+
+
+def _close(tied: float, untied: float) -> bool:
+    return tied <= untied + TIE_MARGIN[0] + TIE_MARGIN[1] * untied
 
 
 @torch.no_grad()
-def rebind_(model: BindingSAE, bound: BindingSAE, split, usage: torch.Tensor, seed: int) -> dict:
-    """Set `model` to D = the split SAE's first block and, per free slot, M_s and the slot's latents
-    from matching its rows to block 1; fall back to `bound` where matching fails."""
-    n, S, d = model.n_latents, model.cfg.n_slots, model.d_in
-    W = split.decoder_rows().detach().float().cpu()
+def _fvu(m: SAE, x: torch.Tensor, silent: torch.Tensor | None = None) -> float:
+    """FVU of m on x; latents in `silent` (bool mask) kept from firing."""
+    if silent is not None:
+        keep = m.b_enc.detach().clone()
+        m.b_enc[silent.to(keep.device)] = -1e4
+    out = m(x)
+    if silent is not None:
+        m.b_enc.copy_(keep)
+    return batch_metrics(x, out.x_hat, out.code.l0())["fvu"]
+
+
+def _slot_usage(m: BindingSAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        active = m(x).codes > 0
+    return (active[:, m.n_latents:].sum() / active.sum().clamp_min(1)).item()
+
+
+# -- 2. find the slots ----------------------------------------------------------------------------
+@dataclass
+class Slots:
+    """Where the standard dictionary's live rows sit in a binding model.
+    rows (K, S): flat row of (atom, slot), -1 where that slot has none; maps (S, d, d): M_s from the
+    frame of slot 1 (maps[0] = I); extras: live rows that are no atom's echo (one slot each)."""
+    rows: torch.Tensor
+    maps: torch.Tensor
+    extras: torch.Tensor
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.rows)
+
+
+def search_config(m: int, seed: int) -> MatchConfig:
+    """The echo detector's settings (sae/eval/echo.py, EchoConfig) for a search over m rows, but at
+    most SEEDS seeds: without a map every seed is tried (78 s for 300 random rows at 1,639 seeds)."""
+    n_seeds = min(SEEDS, int(0.45 * m * (m - 1)) + 1, int(4000 * 192**2 / m**2) + 1)
+    return MatchConfig(n_seeds=n_seeds, seed_batch=256, min_cos=0.85, seed=seed)
+
+
+@torch.no_grad()
+def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: dict) -> Slots | None:
+    """Search the standard SAE's live rows for n_slots slots related by orthogonal maps; None (and
+    the reason in `info`) where there are none to trust."""
+    W = flat.decoder_rows().detach().float().cpu()
     U = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    live = usage > MIN_USAGE
-    atoms = _most_used(live[:n].nonzero().squeeze(1), usage)
-    pool = n + live[n:].nonzero().squeeze(1)
-    # with more atoms than dimensions a true map is pinned down: demand cross-validated pairs
-    match_cfg = MatchConfig(seed=seed, allow_unpinned=n <= d)
-    maps, sources, counts = [], [], []
-    for _ in range(1, S):
-        subset = _most_used(pool, usage)
-        res = match_blocks(U[atoms], U[subset], match_cfg) if min(len(atoms), len(subset)) >= MIN_PAIRS else None
-        if res is None or len(res.pairs) < MIN_PAIRS:
-            counts.append(0 if res is None else len(res.pairs))
-            break
-        # the map is pinned down by the validated pairs; every atom then takes its best free row
-        cos = (U[:n] @ res.transform.T) @ U[pool].T
-        r, c = linear_sum_assignment(cos.numpy(), maximize=True)
-        ok = cos[r, c].numpy() >= EXTEND_COS
-        r, c = torch.from_numpy(r[ok]), pool[torch.from_numpy(c[ok])]
-        counts.append(len(r))
-        maps.append(fit_map(U[r], U[c]) if len(r) >= MIN_PAIRS else res.transform)
-        src = torch.full((n,), -1, dtype=torch.long)
-        src[r] = c
-        sources.append(src)
-        pool = pool[~torch.isin(pool, c)]
+    d = U.shape[1]
+    live = (usage > MIN_USAGE).nonzero().squeeze(1)
+    live = live[usage[live].argsort(descending=True)[:MATCH_ROWS]].sort().values
+    # as the echo detector: with the partition unknown, fewer than d pairs are within chance's reach
+    # (15-16 pairs in random 150- and 300-row dictionaries in d = 22 pass cross-validation)
+    need = max(MIN_PAIRS, d)
+    info["rebind_pairs"] = 0
+    if len(live) < 2 * need:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    first = match_within(U[live], search_config(len(live), seed), min_pairs=need, enough=d)
+    if len(first.pairs) < need:
+        info["rebind_pairs"] = len(first.pairs)
+        return None
+    # slot 1 = the sources' slot, slot 2 = the targets'; rows[a, s] = a global flat row or -1
+    rows = torch.full((len(first.pairs), n_slots), -1, dtype=torch.long)
+    rows[:, 0], rows[:, 1] = live[first.pairs[:, 0]], live[first.pairs[:, 1]]
+    maps = [torch.eye(d), first.transform]
+    thr = chance_cos(U[live], g, EXTEND_COS)
+    rows = _place(U, live, rows, maps, thr)
+    counts = [int((rows[:, 1] >= 0).sum())]
+    for s in range(2, n_slots):  # every further slot against slot 1's rows, as a block
+        free = live[~torch.isin(live, rows[rows >= 0])]
+        anchor = rows[rows[:, 0] >= 0, 0]
+        # the partition is known here (slot 1's rows against the rest): a cross-validated map suffices
+        need_block = max(MIN_PAIRS, int(2 * d / 3) + 1)
+        res = match_blocks(U[anchor], U[free], MatchConfig(seed=seed)) if len(free) >= need_block else None
+        if res is None or len(res.pairs) < need_block:
+            info["rebind_pairs"] = 0 if res is None else len(res.pairs)
+            return None
+        atom = (rows[:, 0][:, None] == anchor[res.pairs[:, 0]][None, :]).float().argmax(0)
+        rows[atom, s] = free[res.pairs[:, 1]]
+        maps.append(res.transform)
+        rows = _place(U, live, rows, maps, thr)
+        counts.append(int((rows[:, s] >= 0).sum()))
+    M = torch.stack(maps)
+    # every map refitted on all rows placed in its slot (through D's frame, slot 1's rows)
+    for s in range(1, n_slots):
+        both = (rows[:, 0] >= 0) & (rows[:, s] >= 0)
+        if both.sum() >= need:
+            M[s] = fit_map(U[rows[both, 0]], U[rows[both, s]])
+    extras = live[~torch.isin(live, rows[rows >= 0])]
+    info["rebind_pairs"] = min(counts)
+    return Slots(rows, M, extras)
 
-    fallback = len(maps) < S - 1
-    if fallback:
-        _copy_from_bound(model, bound)
-    else:
-        model.dictionary.copy_(W[:n])
-        _set_transforms(model, torch.stack(maps))
-        enc, b_enc = split.W_enc.detach().cpu(), split.b_enc.detach().cpu()
-        model.W_enc[:, :n].copy_(enc[:, :n])
-        model.b_enc[:n].copy_(b_enc[:n])
-        for s, (M, src) in enumerate(zip(maps, sources), start=1):
-            matched = src >= 0
-            # an atom never seen in slot s keeps its slot-1 detector carried through M
-            carried = M @ enc[:, :n]
-            model.W_enc[:, s * n : (s + 1) * n].copy_(torch.where(matched, enc[:, src.clamp_min(0)], carried))
-            model.b_enc[s * n : (s + 1) * n].copy_(torch.where(matched, b_enc[src.clamp_min(0)], b_enc[:n]))
-        model.b_dec.copy_(split.b_dec)
-    return {"rebind_pairs": min(counts) if counts else 0, "rebind_fallback": int(fallback)}
+
+def _place(U, live, rows, maps, thr) -> torch.Tensor:
+    """Grow `rows` (K, S) with the known maps: each atom missing a slot takes the free live row best
+    aligned with M_s d_a (Hungarian, cos >= thr); then free rows that are each other's image under
+    M_t M_s^T (for slots s < t) become new atoms."""
+    S_known = len(maps)
+    M = torch.stack(maps)
+    for _ in range(2):
+        D = _atoms(U, rows, M)
+        for s in range(S_known):
+            free = live[~torch.isin(live, rows[rows >= 0])]
+            missing = (rows[:, s] < 0).nonzero().squeeze(1)
+            if not len(free) or not len(missing):
+                continue
+            C = (D[missing] @ M[s].T) @ U[free].T
+            r, c = linear_sum_assignment(C.numpy(), maximize=True)
+            ok = C[r, c].numpy() >= thr
+            rows[missing[r[ok]], s] = free[c[ok]]
+        for s in range(S_known):
+            for t in range(S_known):
+                if s == t:
+                    continue
+                free = live[~torch.isin(live, rows[rows >= 0])]
+                if len(free) < 2:
+                    break
+                C = (U[free] @ (M[t] @ M[s].T).T) @ U[free].T
+                C.fill_diagonal_(-1)
+                r, c = linear_sum_assignment(C.numpy(), maximize=True)
+                ok = C[r, c].numpy() >= thr
+                # a row is a source or a target: keep the best of two pairs that share a row
+                taken, new = set(), []
+                for i in torch.argsort(torch.from_numpy(C[r, c].numpy()), descending=True).tolist():
+                    if ok[i] and r[i] not in taken and c[i] not in taken:
+                        taken.update((r[i], c[i]))
+                        new.append((free[r[i]], free[c[i]]))
+                if new:
+                    add = torch.full((len(new), rows.shape[1]), -1, dtype=torch.long)
+                    add[:, s] = torch.tensor([a for a, _ in new])
+                    add[:, t] = torch.tensor([b for _, b in new])
+                    rows = torch.cat([rows, add])
+    return rows
 
 
-def _most_used(rows: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
-    if len(rows) <= MATCH_ROWS:
-        return rows
-    return rows[usage[rows].argsort(descending=True)[:MATCH_ROWS]].sort().values
+def _atoms(U, rows, M) -> torch.Tensor:
+    """(K, d) unit atoms in slot 1's frame: the mean of each atom's rows pulled back through M_s."""
+    K, d = rows.shape[0], U.shape[1]
+    acc = torch.zeros(K, d)
+    for s in range(len(M)):
+        has = rows[:, s] >= 0
+        acc[has] += U[rows[has, s]] @ M[s]  # rows of U are M_s d_a: d_a = M_s^T u, row form u M_s
+    return acc / acc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# -- 3. the tied model from the placed rows ------------------------------------------------------
+@torch.no_grad()
+def init_from_slots_(model: BindingSAE, flat: SAE, slots: Slots, usage: torch.Tensor) -> torch.Tensor:
+    """D = [atoms; extras; unused rows], M_s = the maps, encoder columns from the standard SAE's
+    (carried through M_s where an atom has no row in a slot), b_dec as the standard SAE's. Returns
+    the (n_slots * n_latents,) mask of latents whose encoder was carried (no row of their own)."""
+    n, S, d = model.n_latents, model.cfg.n_slots, model.d_in
+    W = flat.decoder_rows().detach().float().cpu()
+    norm = W.norm(dim=1).mean()
+    U = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    enc, b_enc = flat.W_enc.detach().float().cpu(), flat.b_enc.detach().float().cpu()
+    M = slots.maps
+    atoms_u = (usage[slots.rows.clamp_min(0)] * (slots.rows >= 0)).sum(1)
+    order = atoms_u.argsort(descending=True)
+    rows = slots.rows[order][:n]
+    extras = slots.extras[usage[slots.extras].argsort(descending=True)][: n - len(rows)]
+    taken = torch.cat([rows[rows >= 0], extras])
+    rest = torch.ones(len(W), dtype=torch.bool)
+    rest[taken] = False
+    unused = rest.nonzero().squeeze(1)[: n - len(rows) - len(extras)]  # dead rows fill the dictionary
+    K, E = len(rows), len(extras)
+
+    D = torch.cat([_atoms(U, rows, M), U[extras], U[unused]]) * norm
+    W_enc = torch.zeros(d, S * n)
+    b = torch.zeros(S * n)
+    carried = torch.ones(S * n, dtype=torch.bool)
+    # the source of each latent's encoder column: a row of (atom, slot), else the atom's first row
+    # carried through M_s M_t^T
+    for s in range(S):
+        for i in range(K):
+            if rows[i, s] >= 0:
+                W_enc[:, s * n + i], b[s * n + i] = enc[:, rows[i, s]], b_enc[rows[i, s]]
+                carried[s * n + i] = False
+            else:
+                t = int((rows[i] >= 0).nonzero()[0])
+                W_enc[:, s * n + i] = M[s] @ (M[t].T @ enc[:, rows[i, t]])
+                b[s * n + i] = b_enc[rows[i, t]]
+        single = torch.cat([extras, unused])
+        cols = enc[:, single]
+        W_enc[:, s * n + K: (s + 1) * n] = cols if s == 0 else M[s] @ cols
+        b[s * n + K: (s + 1) * n] = b_enc[single]
+    carried[K: K + len(extras)] = False                 # extras are slot 1's rows
+    model.dictionary.copy_(D)
+    _set_transforms(model, M[1:])
+    model.W_enc.copy_(W_enc)
+    model.b_enc.copy_(b)
+    model.b_dec.copy_(flat.b_dec.detach().float().cpu())
+    return carried
 
 
 def _set_transforms(model: BindingSAE, maps: torch.Tensor):
@@ -206,23 +393,28 @@ def _set_transforms(model: BindingSAE, maps: torch.Tensor):
         model.transform_param.zero_()
 
 
-def _copy_from_bound(model: BindingSAE, bound: BindingSAE):
-    model.dictionary.copy_(bound.dictionary)
-    _set_transforms(model, bound.free_transforms().detach())
-    for name in ("W_enc", "b_enc", "b_dec"):
-        getattr(model, name).copy_(getattr(bound, name))
+@torch.no_grad()
+def bag_(model: BindingSAE, flat: SAE, usage: torch.Tensor | None, x: torch.Tensor) -> None:
+    """Without a map: the caller's BindingSAE holds the standard SAE's n most-used rows in slot 1
+    with M_s = I and silent slots >= 2 (a bag of concepts, half the standard SAE or less)."""
+    n, S, d = model.n_latents, model.cfg.n_slots, model.d_in
+    if usage is None:
+        usage = (flat.encode(x) > 0).float().mean(0).cpu()
+    top = usage.argsort(descending=True)[:n]
+    model.dictionary.copy_(flat.decoder_rows().detach().float().cpu()[top])
+    _set_transforms(model, torch.eye(d).expand(S - 1, d, d))
+    model.W_enc.zero_()
+    model.b_enc.fill_(-1e4)  # slots >= 2 never fire
+    model.W_enc[:, :n].copy_(flat.W_enc.detach().float().cpu()[:, top])
+    model.b_enc[:n].copy_(flat.b_enc.detach().float().cpu()[top])
+    model.b_dec.copy_(flat.b_dec.detach().float().cpu())
 
 
-def split_sae(bound: BindingSAE) -> SAE:
-    """The flat SAE of `bound`'s sparsity rule over all its n_slots * n_latents codes (per-slot TopK
-    becomes TopK with k per slot times n_slots), with its SAE-level options, decoder and encoder."""
-    rule = bound.sparsity.flat(bound)
-    split = SAE.registry[rule.name](**{**_options(bound.cfg), "n_latents": bound.n_total}, sparsity=rule)
-    with torch.no_grad():
-        split.load_decoder(bound.flat_decoder(), None)
-        for name in ("W_enc", "b_enc", "b_dec"):
-            getattr(split, name).copy_(getattr(bound, name))
-    return split
+def standard_sae(model: BindingSAE) -> SAE:
+    """A fresh flat SAE of `model`'s sparsity rule over all its n_slots * n_latents codes (per-slot
+    TopK becomes TopK with k per slot times n_slots), with its SAE-level options."""
+    rule = model.sparsity.flat(model)
+    return SAE.registry[rule.name](**{**_options(model.cfg), "n_latents": model.n_total}, sparsity=rule)
 
 
 def _options(cfg: SAEConfig) -> dict:

@@ -442,6 +442,43 @@ def first_come(cands: TwoBlocks, r: torch.Tensor, c: torch.Tensor, keep: torch.T
     return keep
 
 
+def match_within(W: torch.Tensor, cfg: MatchConfig, min_pairs: float, enough: int | None = None,
+                 min_evidence: float = 0.5, stop_after: int = 2, g: torch.Generator | None = None) -> Match:
+    """Pairs i → j among the rows of one dictionary W (i ≠ j, a row a source or a target, not both)
+    with W[j] ≈ M W[i] for one map M, when which rows are "slot 1" is unknown too: the echo
+    detector's search (sae/eval/echo.py) and the binding recipe's first look at a standard
+    dictionary. Grown sets are judged by their evidence-supported pairs (`MostSupported`, stop once
+    `stop_after` reached `enough`, default ceil(min_pairs)); a pair the held-out map misses is kept if it
+    fits in-sample with ≥ `min_evidence` nats per comparison; pairs already aligned (duplicates, which
+    M = I explains) are not pairs; fewer than `min_pairs` kept pairs report none. Pairs index W.
+    `g` draws the cross-validation folds and the chance null (default: seeded by cfg.seed)."""
+    g = torch.Generator().manual_seed(cfg.seed) if g is None else g
+    dictionary = OneDictionary(W)
+    U, (m, d) = dictionary.Ua, dictionary.Ua.shape
+    enough = max(3, int(min_pairs) if enough is None else enough)
+    judge = MostSupported(max(3, min(enough, d // 2)), enough, min_evidence, stop_after)
+    search(dictionary, cfg, judge)
+    none = Match(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, m)
+    if judge.best is None or len(judge.best[1]) < 3:
+        return none
+    M, r, c, evidence = judge.best
+    v = verdict(dictionary, r, c, g, cfg, evidence, min_evidence)
+    trivial = (U[r] * U[c]).sum(1) >= v.threshold        # already aligned: a duplicate, not an echo
+    keep = first_come(dictionary, r, c, v.keep & ~trivial, torch.argsort(v.cos, descending=True))
+    if keep.sum() < max(3, min_pairs):
+        keep[:] = False
+    pairs = torch.stack([r, c], 1)[keep]
+    if len(pairs) >= 3:
+        # The map is fitted on the kept pairs plus those it fits in-sample that fail the held-out
+        # test only because no other pair covers their direction: without them directions of R^d
+        # stay unpinned (RESULTS.md §6). They must not clash with a kept pair (one direction).
+        extra = (v.in_sample >= v.threshold) & ~trivial & ~keep
+        extra &= ~(dictionary.clash(r, c)[:, keep].any(1))
+        fit = keep | extra
+        M = fit_map(U[r[fit]], U[c[fit]], cfg.map_kind)
+    return Match(M, pairs, v.cos[keep], 2 * len(pairs) / m, m, len(pairs) > d)
+
+
 def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfig()) -> Match:
     """Pairs a → σ(a) between the rows of A and of B, and one map with B[σ(a)] ≈ M A[a] (see the
     module docstring). Pairs index A (column 0) and B (column 1)."""
