@@ -33,22 +33,44 @@ class TopK(Sparsity):
                 raise OptionError(name, f"must be >= 0, got {getattr(self, name)!r}")
 
     def encode_code(self, sae: SAE, x: Tensor) -> Code:
-        values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec)
-        return Code(values, indices, sae.n_total)
+        dead = self.aux_dead(sae)
+        if dead is None:
+            values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec)
+            return Code(values, indices, sae.n_total)
+        # AuxK's selection comes from the same pre-activations as the codes (no second encoder pass).
+        values, indices, aux_values, aux_indices = kernels.topk_encode_aux(
+            x, sae.W_enc, sae.b_enc, self.k, dead, self.k_aux(sae), b_dec=sae.b_dec)
+        return Code(values, indices, sae.n_total,
+                    extras={"aux_dead": dead, "aux_values": aux_values, "aux_indices": aux_indices})
+
+    def aux_dead(self, sae: SAE) -> Tensor | None:
+        """Ids of the latents AuxK trains this step (those dead before it), or None when it is off."""
+        if not sae.training or self.aux_coeff == 0:
+            return None
+        dead = sae.dead_mask().nonzero().squeeze(1)
+        return dead if dead.numel() else None
+
+    def k_aux(self, sae: SAE) -> int:
+        return self.aux_k or sae.d_in // 2
 
     def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
-        if not sae.training or self.aux_coeff == 0:
-            return {}
-        dead = sae.dead_mask().nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return {}
-        return {"aux": self.aux_coeff * self.aux_loss(sae, x, x_hat, dead)}
+        if "aux_dead" in code.extras:
+            dead = code.extras["aux_dead"]
+        else:  # an encoder that did not select for AuxK (BatchTopK, per-slot TopK)
+            dead = self.aux_dead(sae)
+            if dead is None:
+                return {}
+        return {"aux": self.aux_coeff * self.aux_loss(sae, x, x_hat, dead, code)}
 
-    def aux_loss(self, sae: SAE, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
-        # Only the dead latents' encoder columns and decoder rows are touched: cheap while few are dead.
-        aux_k = self.aux_k or sae.d_in // 2
-        residual_hat = kernels.auxk_reconstruct(x, sae.W_enc, sae.b_enc, aux_k, dead,
-                                                sae.aux_decoder_rows(dead), sae.b_dec)
+    def aux_loss(self, sae: SAE, x: Tensor, x_hat: Tensor, dead: Tensor, code: Code | None = None) -> Tensor:
+        # Only the dead latents' encoder columns and decoder rows are touched, and only at the
+        # k_aux pairs each token selects: decoded sparsely (gather-sum, sorted segment backward).
+        aux_k = self.k_aux(sae)
+        rows = sae.aux_decoder_rows(dead)
+        if code is not None and "aux_values" in code.extras:
+            residual_hat = kernels.sparse_decode(code.extras["aux_values"], code.extras["aux_indices"], rows)
+        else:
+            residual_hat = kernels.auxk_reconstruct(x, sae.W_enc, sae.b_enc, aux_k, dead, rows, sae.b_dec)
         residual = (x - x_hat).detach()
         # Scaled by the dead share (as SAELens does) so a handful of dead latents is not over-weighted.
         return (residual_hat - residual).pow(2).sum(-1).mean() * min(dead.numel() / aux_k, 1.0)

@@ -16,15 +16,20 @@ reference (selfcheck.py): a mismatch or compile error warns once and sends that 
     batch_topk_encode(x, W_enc, b_enc, k, b_dec=None, *, cap=None) -> values, indices (B, cap):
         BatchTopK (top B*k of the batch) from per-row fused top-cap candidates; values outside the
         batch top-k are 0. Exact (checked; cap grows if a row overflows).
-    auxk_reconstruct(x, W_enc, b_enc, W_dec, k_aux, dead, b_dec=None) -> (B, d), no bias:
-        AuxK reconstruction from the top-k_aux pre-activations among `dead` latents, computed over
-        the dead columns only with dense GEMMs (aux codes are too dense for the sparse kernels).
+    topk_encode_aux(x, W_enc, b_enc, k, dead, k_aux, b_dec=None) -> values, indices, aux_values, aux_indices:
+        topk_encode plus AuxK's top-k_aux among the `dead` latents from the same pre-activations
+        (reused on CPU; one more fused encoder over the dead columns on Triton); aux_indices index
+        `dead`, so sparse_decode(aux_values, aux_indices, dead_rows) is AuxK's reconstruction.
+    auxk_reconstruct(x, W_enc, b_enc, k_aux, dead, dead_rows, b_dec=None) -> (B, d), no bias:
+        the same reconstruction for callers without the encoder at hand: pre-activations over the
+        dead columns only, then the sparse decode.
     backend(t) -> 'triton' | 'torch'
 
 Which call serves which architecture (x_hat = decode + b_dec in every case):
     TopK:          v, i = topk_encode(x, W_enc, b_enc, k, b_dec); x_hat = sparse_decode(v, i, W_dec) + b_dec
     BatchTopK:     v, i = batch_topk_encode(x, W_enc, b_enc, k, b_dec); same decode
-    AuxK (TopK):   e = (x - x_hat).detach(); aux = auxk_reconstruct(x, W_enc, b_enc, W_dec, k_aux, dead, b_dec)
+    AuxK (TopK):   v, i, av, ai = topk_encode_aux(x, W_enc, b_enc, k, dead, k_aux, b_dec); x_hat as TopK;
+                   e = (x - x_hat).detach(); aux = sparse_decode(av, ai, W_dec[dead])  (loss |aux - e|^2)
     Binding:       v, i = topk_encode(... n_total = S*n ...) (TopK over all slots), or with groups=S
                    (per-slot TopK), or batch_topk_encode; x_hat = binding_decode(v, i, D, M[1:]) + b_dec
     ReLU (L1), JumpReLU: no sparse kernel; their codes are not a fixed-k sparse set (dense torch ops).
@@ -33,8 +38,10 @@ The kernels read weights with any strides; on a GPU, keep W_enc stored (n, d)-ma
 made as torch.empty(n, d).t()): its columns are then contiguous rows for the sparse backward, and
 the dW_enc the kernels write matches it without a transpose copy.
 """
-from sae.core.kernels.dispatch import auxk_reconstruct, backend, batch_topk_encode, binding_decode, sparse_decode, topk_encode
+from sae.core.kernels.dispatch import (auxk_reconstruct, backend, batch_topk_encode, binding_decode, sparse_decode,
+                                      topk_encode, topk_encode_aux)
 from sae.core.kernels.selfcheck import KernelCheckError, KernelCheckWarning
 
-__all__ = ["backend", "topk_encode", "sparse_decode", "binding_decode", "batch_topk_encode", "auxk_reconstruct",
+__all__ = ["backend", "topk_encode", "topk_encode_aux", "sparse_decode", "binding_decode", "batch_topk_encode",
+           "auxk_reconstruct",
            "KernelCheckError", "KernelCheckWarning"]

@@ -276,31 +276,85 @@ def batch_topk_encode(x, W_enc, b_enc, k, b_dec=None, *, cap=None):
     return values, _trust(indices, n)
 
 
+# The fused encoder keeps its running top-k in registers: past this k (AuxK's k_aux = d/2 at large d)
+# the aux selection takes cuBLAS + torch.topk over the dead columns instead.
+_FUSED_MAX_K = 512
+
+
+def _check_aux(x, W_enc, dead, k_aux):
+    _check_tensor("dead", dead, 1, (torch.int64,), x.device)
+    _check_int("k_aux", k_aux, 1)
+    if dead.numel() and not _trusted(dead, W_enc.shape[1]):
+        lo, hi = torch.aminmax(dead)
+        if int(lo) < 0 or int(hi) >= W_enc.shape[1]:
+            _fail(f"dead latent ids must lie in [0, {W_enc.shape[1]})")
+
+
+def _dead_columns(W_enc, b_enc, dead):
+    """W_enc's columns and b_enc's entries of the dead latents, differentiable (an (n, d)-major
+    W_enc gives an (m, d)-major block, the layout the kernels' backward wants)."""
+    return W_enc.t().index_select(0, dead).t(), b_enc.index_select(0, dead)
+
+
+def _aux_select(x, W_enc, b_enc, b_dec, k_aux, dead):
+    """values, indices into `dead` (B, k_aux): top-k_aux relu pre-activations among the dead latents,
+    recomputed over their columns only (one GEMM over m latents), fused with the top-k on Triton."""
+    W_dead, b_dead = _dead_columns(W_enc, b_enc, dead)
+    if k_aux <= _FUSED_MAX_K:
+        values, indices = _encode("topk_encode", x, W_dead, b_dead, k_aux, b_dec, 1)
+    else:
+        values, indices = reference.topk_encode(x, W_dead, b_dead, k_aux, b_dec)
+    return values, _trust(indices, dead.shape[0])
+
+
+def topk_encode_aux(x, W_enc, b_enc, k, dead, k_aux, b_dec=None):
+    """topk_encode and AuxK's selection in one call: values, indices (B, k) as topk_encode, plus
+    aux_values, aux_indices (B, min(k_aux, m)): the top-k_aux relu pre-activations among the latents
+    `dead` (int64 ids (m,)), with aux_indices indexing `dead` (0..m-1), so that
+    sparse_decode(aux_values, aux_indices, dead_rows) is AuxK's reconstruction.
+
+    CPU: the pre-activations the encoder computes anyway are reused (no second GEMM); one backward
+    covers both sets of pairs. Triton (the fused encoder never writes pre-activations): a second
+    fused encoder over the dead columns only. Gradients of the aux values reach W_enc and b_enc
+    in the dead latents' columns, and b_dec."""
+    _check_encode(x, W_enc, b_enc, k, b_dec, 1)
+    _check_aux(x, W_enc, dead, k_aux)
+    k_eff = min(k_aux, dead.numel())
+    n = W_enc.shape[1]
+    if k_eff == 0 or _use_triton(x, W_enc, b_enc, b_dec):
+        values, indices = _encode("topk_encode", x, W_enc, b_enc, k, b_dec, 1)
+        if k_eff == 0:
+            empty = values.new_zeros((x.shape[0], 0))
+            return values, _trust(indices, n), empty, _trust(indices.new_zeros((x.shape[0], 0)), 0)
+        aux_values, aux_indices = _aux_select(x, W_enc, b_enc, b_dec, k_eff, dead)
+        return values, _trust(indices, n), aux_values, aux_indices
+    values, indices, aux_values, aux_indices = reference.topk_encode_aux(x, W_enc, b_enc, k, b_dec, dead, k_eff)
+    return values, _trust(indices, n), aux_values, _trust(aux_indices, dead.shape[0])
+
+
 def auxk_reconstruct(x, W_enc, b_enc, k_aux, dead, dead_rows, b_dec=None):
     """AuxK (dead-latent auxiliary loss of TopK SAEs): the reconstruction (B, d), no bias, from the
     top-k_aux relu pre-activations among the `dead` latents (int64 ids (m,)), decoded with their
     decoder rows `dead_rows` (m, d). Taking the rows, not W_dec, lets a structured SAE pass rows it
     derives (and decide where their gradient goes) without materialising its whole decoder.
 
-    Decided by cost, not by habit: only the dead columns of W_enc and rows of W_dec are touched
-    (a GEMM over n_dead latents, not n), and with dense GEMMs rather than the sparse kernels. With
-    k_aux ~ d/2 or 512 the aux codes are far denser (k_aux / n_dead) than the main codes (k / n):
-    a sparse decode moves ~4 bytes per multiply-add through L2, a tensor-core GEMM does hundreds of
-    multiply-adds per byte, so sparse only wins below a density of about 1/100 (see BENCHMARKS.md,
-    which times both). Gradients reach W_enc, b_enc, W_dec (and b_dec) for the dead latents only.
+    For callers without the encoder's pre-activations at hand (topk_encode_aux reuses them): the
+    pre-activations are recomputed over the dead columns only (one GEMM over m latents, fused with
+    the top-k on Triton), and the codes are decoded sparsely (sparse_decode: gather-sum forward,
+    sorted segment backward). Gradients reach W_enc, b_enc, W_dec (and b_dec) for the dead latents only.
     """
     _check_encode(x, W_enc, b_enc, 1, b_dec, 1)
-    _check_tensor("dead", dead, 1, (torch.int64,), x.device)
+    _check_aux(x, W_enc, dead, k_aux)
     _check_tensor("dead_rows", dead_rows, 2, _FLOATS, x.device)
     if dead_rows.shape != (dead.shape[0], W_enc.shape[0]):
         _fail(f"dead_rows must be (len(dead), d_in) = {(dead.shape[0], W_enc.shape[0])}, got {tuple(dead_rows.shape)}")
-    _check_int("k_aux", k_aux, 1)
-    if dead.numel() and (int(dead.min()) < 0 or int(dead.max()) >= W_enc.shape[1]):
-        _fail(f"dead latent ids must lie in [0, {W_enc.shape[1]})")
     k_eff = min(k_aux, dead.numel())
     if k_eff == 0:
         return x.new_zeros(x.shape, dtype=torch.promote_types(_compute_dtype(x), dead_rows.dtype))
-    pre = reference.preactivations(x, W_enc[:, dead], b_enc[dead], b_dec)  # (B, n_dead)
-    top = pre.topk(k_eff, dim=1, sorted=False)
-    codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-    return codes @ dead_rows
+    if _use_triton(x, W_enc, b_enc, b_dec):
+        values, indices = _aux_select(x, W_enc, b_enc, b_dec, k_eff, dead)
+    else:
+        W_dead, b_dead = _dead_columns(W_enc, b_enc, dead)
+        values, indices = reference.topk_encode(x, W_dead, b_dead, k_eff, b_dec)
+        indices = _trust(indices, dead.shape[0])
+    return sparse_decode(values, indices, dead_rows)
