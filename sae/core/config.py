@@ -1,8 +1,9 @@
 """Configuration: every option is a dataclass field, and every command line is built from them.
 
 `option(default, help)` declares a config field with its --help text; `add_options` turns a
-config dataclass into argparse options (the one builder every CLI uses) and `from_args` builds the
-config back from the parsed arguments. `OptionError` is how a config says a value is wrong: it
+config dataclass into argparse options and `from_args` builds the config back from the parsed
+arguments; `config_parser` and `parse_config` do both for a command whose options are one config
+(the one builder every CLI uses). `OptionError` is how a config says a value is wrong: it
 names the field, and the command line shows the flag the user typed instead (`--n-sequences`,
 not `n_sequences`).
 """
@@ -17,6 +18,11 @@ from dataclasses import field
 def option(default, help: str):
     """A config field with its --help text (command lines are built from these)."""
     return field(default=default, metadata={"help": help})
+
+
+def argument(help: str):
+    """A config field without a default: a positional argument of its command (see config_parser)."""
+    return field(metadata={"help": help})
 
 
 def flag(name: str) -> str:
@@ -70,6 +76,25 @@ def add_option(parser, name: str, kind, default, help_text: str, several: bool =
         parser.add_argument(flag(name), nargs="+", type=typing.get_args(kind)[0], default=default, help=help_text)
     else:
         parser.add_argument(flag(name), type=kind, default=default, help=help_text, nargs="+" if several else None)
+
+
+def config_parser(cls, prog: str, description: str, positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The parser of a command whose options are the fields of `cls`: the fields named in
+    `positional` become positional arguments (a list field takes one or more), the rest --flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    hints, by_name = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for name in positional:
+        kind = hints[name]
+        several = typing.get_origin(kind) is list
+        parser.add_argument(name, type=typing.get_args(kind)[0] if several else kind, nargs="+" if several else None,
+                            help=by_name[name].metadata.get("help", ""))
+    add_options(parser, cls, skip=positional)
+    return parser
+
+
+def parse_config(cls, argv, prog: str, description: str, positional: tuple[str, ...] = ()):
+    """The config `cls` from a command line (see config_parser)."""
+    return from_args(cls, config_parser(cls, prog, description, positional).parse_args(argv))
 
 
 def from_args(cls, args: argparse.Namespace, **overrides):

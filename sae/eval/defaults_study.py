@@ -22,7 +22,6 @@ and the final loss parts (mse, sparsity, in training units) come from the traine
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io as _io
 import math
@@ -35,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sae
+from sae.core.config import option, parse_config
 from sae.core.files import write_json
 from sae.core.io import read_json
 from sae.core.metrics import evaluate
@@ -294,23 +294,25 @@ def run_plan(runs: list[tuple], out: str | None) -> list[dict]:
     return records
 
 
+@dataclass
+class StudyConfig:
+    out: str = option("results/defaults_study.json", "JSON output (written atomically)")
+    cells: str = option(",".join(DEFAULT_CELLS), "comma-separated DxL0 planted worlds")
+    archs: str = option(",".join(DEFAULT_ARCHS), f"from {', '.join(ARCHS)}")
+    sections: str = option("grid,sweep,steering,issue", "which parts to run")
+    seeds: str = option("0,1", f"seeds for cells with d < {LARGE_D}")
+    seeds_large: str = option("0", f"seeds for cells with d >= {LARGE_D}")
+    steps: int = option(1000, "training steps of every run")
+    batch_size: int = option(256, "batch size")
+    batch_size_large: int = option(128, f"batch size for d >= {LARGE_D} (CPU time)")
+    lr: float = option(3e-3, "learning rate")
+    n_train: int = option(65536, "training samples per world")
+    threads: int = option(1, "torch threads")
+    summarize_only: bool = option(False, "recompute the summary of --out's records")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.defaults_study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="results/defaults_study.json", help="JSON output (written atomically)")
-    p.add_argument("--cells", default=",".join(DEFAULT_CELLS), help="comma-separated DxL0 planted worlds")
-    p.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help=f"from {', '.join(ARCHS)}")
-    p.add_argument("--sections", default="grid,sweep,steering,issue", help="which parts to run")
-    p.add_argument("--seeds", default="0,1", help=f"seeds for cells with d < {LARGE_D}")
-    p.add_argument("--seeds-large", default="0", help=f"seeds for cells with d >= {LARGE_D}")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--batch-size-large", type=int, default=128, help=f"batch for d >= {LARGE_D} (CPU time)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--n-train", type=int, default=65536, help="training samples per world")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--summarize-only", action="store_true", help="recompute the summary of --out's records")
-    args = p.parse_args(argv)
+    args = parse_config(StudyConfig, argv, "python -m sae.eval.defaults_study", __doc__.split("\n\n")[0])
     if args.summarize_only:
         saved = read_json(args.out)
         saved["summary"] = summarize(saved["records"])
@@ -321,12 +323,14 @@ def main(argv=None) -> int:
     archs = args.archs.split(",")
     unknown = sorted(set(archs) - set(ARCHS))
     if unknown:
-        p.error(f"unknown arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+        print(f"defaults_study: error: --archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}",
+              file=sys.stderr)
+        return 2
     started = time.time()
     records = run_plan(plan(build_cells(args), archs, set(args.sections.split(","))), args.out)
     summary = summarize(records)
     write_json(args.out, {"command": "python -m sae.eval.defaults_study " + " ".join(argv or sys.argv[1:]),
-                          "args": vars(args), "seconds": round(time.time() - started), "summary": summary,
+                          "args": asdict(args), "seconds": round(time.time() - started), "summary": summary,
                           "records": records})
     print_table(summary)
     return 0

@@ -47,7 +47,6 @@ error: one line on stderr, exit status 2, nothing written.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -61,6 +60,7 @@ import numpy as np
 import torch
 
 from sae.core import files
+from sae.core.config import argument, option, parse_config
 from sae.core import io as sae_io
 from sae.core.io import LoadError, read_safetensors
 from sae.core.store import CacheError, open_cache
@@ -69,25 +69,17 @@ from sae.lm import scenes
 
 @dataclass
 class ReportConfig:
-    run_dir: str
-    out: str = ""            # default: RUN_DIR/report.html
-    labels: str = ""         # labels .safetensors (see the module docstring)
-    legend: str = ""         # default: the labels file with a .json suffix
-    max_rows: int = 8192     # rows used for the latent x label heatmap
-    batch_size: int = 1024   # rows encoded at a time
+    run_dir: str = argument("directory written by sae.train(run_dir=...) / train.py --run-dir")
+    out: str = option("", "output HTML file ('' = RUN_DIR/report.html)")
+    labels: str = option("", "per-row labels .safetensors for the latent x label heatmap (see the module docstring)")
+    legend: str = option("", "legend JSON for --labels ('' = the labels file with a .json suffix)")
+    max_rows: int = option(8192, "rows used for the latent x label heatmap")
+    batch_size: int = option(1024, "rows encoded at a time")
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.report",
-                                description="Write a self-contained HTML report of a training run directory.")
-    p.add_argument("run_dir", help="directory written by sae.train(run_dir=...) / train.py --run-dir")
-    p.add_argument("--out", default="", help="output HTML file (default: RUN_DIR/report.html)")
-    p.add_argument("--labels", default="", help="per-row labels .safetensors for the latent x label heatmap")
-    p.add_argument("--legend", default="", help="legend JSON for --labels (default: same name, .json)")
-    p.add_argument("--max-rows", type=int, default=8192, help="rows used for the heatmap")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows encoded at a time")
-    a = p.parse_args(argv)
-    return ReportConfig(a.run_dir, a.out, a.labels, a.legend, a.max_rows, a.batch_size)
+    return parse_config(ReportConfig, argv, "python -m sae.eval.report",
+                        "Write a self-contained HTML report of a training run directory.", positional=("run_dir",))
 
 
 class ReportError(Exception):

@@ -24,7 +24,6 @@ embedding metrics of sae.lm.splice go to eval_result_unstructured.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sae.core.config import HelpFormatter, add_options, from_args, option
+from sae.core.config import argument, option, parse_config
 from sae.core.files import write_result
 from sae.lm.splice import load_for_eval, make_batches, resolve_sae_dir, splice_eval
 
@@ -46,6 +45,7 @@ PRECISION = 10  # SAEBench rounds per-latent values to 10 digits (DEFAULT_FLOAT_
 
 @dataclass
 class CoreConfig:
+    path: str = argument("dictionary directory (cfg.json) or run directory (sae/cfg.json)")
     model: str = option("", "model id ('' = the dictionary's metadata.model_name)")
     hook: str = option("", "hook name ('' = the dictionary's metadata.hook_name)")
     source: str = option("", "token source, as for sae.lm.splice ('' = scenes generator / shipped English)")
@@ -221,17 +221,12 @@ def result_path(out_dir: str | Path, release: str, sae_id: str) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.saebench", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
-    add_options(p, CoreConfig)
-    args = p.parse_args(argv)
-    cfg = from_args(CoreConfig, args)
+    cfg = parse_config(CoreConfig, argv, "python -m sae.eval.saebench", __doc__.split("\n\n")[0], positional=("path",))
     try:
         if cfg.n_sequences <= 0 or cfg.batch_size <= 0:
             raise ValueError("--n-sequences and --batch-size must be positive")
-        sae_dir = resolve_sae_dir(Path(args.path))
-        sae, model, model_id, hook, sae_cfg = load_for_eval(args.path, cfg.model, cfg.hook, cfg.device)
+        sae_dir = resolve_sae_dir(Path(cfg.path))
+        sae, model, model_id, hook, sae_cfg = load_for_eval(cfg.path, cfg.model, cfg.hook, cfg.device)
         sae_cfg.setdefault("metadata", {}).update(model_name=model_id, hook_name=hook)
         batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
         source = cfg.source or ("generator" if model_id == "scenes" else "sae/lm/data/english.txt")

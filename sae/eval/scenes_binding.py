@@ -58,7 +58,6 @@ edits       causal edits through the SAE with the error term held fixed: x' = de
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -72,7 +71,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.core.architectures.binding import BindingSAE
-from sae.core.config import HelpFormatter
+from sae.core.config import argument, option, parse_config
 from sae.core.files import write_result
 from sae.core.io import load
 from sae.core.metrics import fvu
@@ -255,7 +254,7 @@ def colour_latents(z: torch.Tensor, attributes: torch.Tensor) -> dict:
     col = colour_index(attributes)
     S, C = scenes.MAX_OBJECTS, len(COLOURS)
     lat = torch.zeros(S, C, dtype=torch.long)
-    score, mean_on = torch.zeros(S, C), torch.zeros(S, C)
+    score = torch.zeros(S, C)
     for s in range(S):
         for c in range(C):
             m = col[:, s] == c
@@ -576,16 +575,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ScenesBindingConfig:
+    runs: list[str] = argument("run directories (sae/cfg.json) or dictionary directories (cfg.json)")
+    out: str = option("", "write the results as JSON here ('' = print only)")
+    n_train: int = option(4000, "train scenes for probes and latent lookup")
+    n_eval: int = option(1000, "scenes per evaluation set")
+    seed: int = option(0, "seed of the scenes drawn")
+    threads: int = option(1, "CPU threads for torch (0 = torch's default)")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.scenes_binding", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("runs", nargs="+", help="run directories (sae/cfg.json) or dictionary directories (cfg.json)")
-    p.add_argument("--out", default="", help="write the results as JSON here ('' = print only)")
-    p.add_argument("--n-train", type=int, default=4000, help="train scenes for probes and latent lookup")
-    p.add_argument("--n-eval", type=int, default=1000, help="scenes per evaluation set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0 = torch's default)")
-    args = p.parse_args(argv)
+    args = parse_config(ScenesBindingConfig, argv, "python -m sae.eval.scenes_binding", __doc__.split("\n\n")[0],
+                        positional=("runs",))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

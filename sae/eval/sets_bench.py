@@ -13,7 +13,6 @@ Every process is a real `train.py` run: its own imports, model load and cache re
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -22,10 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sae.core.config import option, parse_config
 from sae.core.files import write_result
 from sae.eval.minilm_study import write_corpus
 
@@ -84,13 +85,16 @@ def run_case(name: str, case, source: list[str], common: list[str], repeats: int
             "rss_ratio": peak["set"] / peak["separate"], "repeats": repeats, "all_walls": walls}
 
 
+@dataclass
+class SetsBenchConfig:
+    out: str = option("", "write the table as JSON here ('' = print only)")
+    smoke: bool = option(False, "the scenes model at tiny sizes (a check, not a measurement)")
+    repeats: int = option(2, "measurements of each variant (median kept)")
+    steps: int = option(300, "training steps of every dictionary")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.sets_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="", help="write the table as JSON here")
-    p.add_argument("--smoke", action="store_true", help="the scenes model at tiny sizes (a check, not a measurement)")
-    p.add_argument("--repeats", type=int, default=2, help="measurements of each variant (median kept)")
-    p.add_argument("--steps", type=int, default=300)
-    args = p.parse_args(argv)
+    args = parse_config(SetsBenchConfig, argv, "python -m sae.eval.sets_bench", __doc__.split("\n\n")[0])
     model, cases = ("scenes", SMOKE_CASES) if args.smoke else ("minilm", CASES)
     steps = 20 if args.smoke else args.steps
     common = ["--steps", str(steps), "--batch-size", "256", "--expansion-factor", "4", "--checkpoint-every", "0",

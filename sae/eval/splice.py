@@ -4,20 +4,21 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sae.core.config import HelpFormatter, add_options, from_args, option
+from sae.core.config import argument, option, parse_config
 from sae.core.files import write_result
-from sae.lm.splice import load_for_eval, make_batches, resolve_sae_dir, splice_eval
+from sae.lm.splice import load_for_eval, make_batches, output_hook, resolve_sae_dir, splice_eval
 
 
 @dataclass
 class SpliceConfig:
+    path: str = argument("dictionary directory (cfg.json) or run directory (sae/cfg.json)")
     model: str = option("", "model id ('' = the dictionary's metadata.model_name)")
     hook: str = option("", "hook name ('' = the dictionary's metadata.hook_name)")
+    hook_out: str = option("", "transcoders: the hook replaced ('' = the dictionary's metadata.hook_name_out)")
     source: str = option("", "'generator' (scenes) or a .txt/.jsonl/.npy/.safetensors file "
                              "('' = generator for scenes, the shipped sae/lm/data/english.txt otherwise)")
     split: str = option("test", "scenes generator split (held-out scenes by default)")
@@ -31,7 +32,8 @@ class SpliceConfig:
 
 
 def format_result(res: dict) -> str:
-    lines = [f"hook {res['hook']}  objective {res['objective']}  sequences {res['n_sequences']}  "
+    hooks = f"{res['hook']} -> {res['hook_out']}" if "hook_out" in res else res["hook"]
+    lines = [f"hook {hooks}  objective {res['objective']}  sequences {res['n_sequences']}  "
              f"spliced rows {res['n_spliced_rows']}  FVU {res['reconstruction']['fvu']:.4f}  L0 {res['reconstruction']['l0']:.1f}"]
     for scope, d in res["scopes"].items():
         metrics = sorted({k.rsplit("_", 1)[0] for k in d if "_recovered_" not in k and k.rsplit("_", 1)[-1] in res["conditions"]})
@@ -44,19 +46,15 @@ def format_result(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.splice", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("path", help="dictionary directory (cfg.json) or run directory (sae/cfg.json)")
-    add_options(p, SpliceConfig)
-    args = p.parse_args(argv)
-    cfg = from_args(SpliceConfig, args)
+    cfg = parse_config(SpliceConfig, argv, "python -m sae.eval.splice", __doc__.split("\n\n")[0], positional=("path",))
     try:
         if cfg.n_sequences <= 0 or cfg.batch_size <= 0:
             raise ValueError("--n-sequences and --batch-size must be positive")
-        sae, model, model_id, hook, _ = load_for_eval(args.path, cfg.model, cfg.hook, cfg.device)
+        sae, model, model_id, hook, sae_cfg = load_for_eval(cfg.path, cfg.model, cfg.hook, cfg.device)
+        hook_out = output_hook(sae, sae_cfg, cfg.hook_out)
         batches = make_batches(model_id, model, cfg.source, cfg.n_sequences, cfg.batch_size, cfg.split, cfg.seed, cfg.seq_len)
-        res = splice_eval(model, sae, hook, batches, error_term=cfg.error_term, progress=True)
-        res.update(model=model_id, sae=str(resolve_sae_dir(Path(args.path))), config=asdict(cfg))
+        res = splice_eval(model, sae, hook, batches, error_term=cfg.error_term, progress=True, hook_out=hook_out)
+        res.update(model=model_id, sae=str(resolve_sae_dir(Path(cfg.path))), config=asdict(cfg))
     except (ValueError, OSError, ImportError) as e:  # sae.core.io.LoadError and sae.core.store.CacheError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,29 +11,34 @@ Bad input (no dictionary there, a malformed repo id or path) is one line on stde
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 from sae.core import hub
+from sae.core.config import argument, option, parse_config
 from sae.core.io import load
 
 
+@dataclass
+class UploadConfig:
+    path: str = argument("run folder (sae/ inside) or dictionary folder (cfg.json)")
+    repo_id: str = argument("Hub repo, owner/name (created if absent)")
+    path_in_repo: str = option("", "folder inside the repo ('' = its root)")
+    revision: str = option("", "branch to commit to ('' = main)")
+    private: bool = option(False, "create the repo private")
+    message: str = option("", "commit message")
+    token: str = option("", "Hub token ('' = huggingface_hub's login)")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.upload", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="run folder (sae/ inside) or dictionary folder (cfg.json)")
-    p.add_argument("repo_id", help="Hub repo, owner/name (created if absent)")
-    p.add_argument("--path-in-repo", default="", help="folder inside the repo ('' = its root)")
-    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--message", default="", help="commit message")
-    p.add_argument("--token", default=None, help="Hub token (default: huggingface_hub's login)")
-    args = p.parse_args(argv)
+    args = parse_config(UploadConfig, argv, "python -m sae.eval.upload", __doc__.split("\n\n")[0],
+                        positional=("path", "repo_id"))
     try:
         folder, _ = hub.locate_dictionary(args.path)
         hub.check_repo_path(args.repo_id, args.path_in_repo)
         load(folder)  # refuse a dictionary that does not load before sending anything
-        commit = hub.upload(args.path, args.repo_id, args.path_in_repo, revision=args.revision, private=args.private,
-                            commit_message=args.message, token=args.token)
+        commit = hub.upload(args.path, args.repo_id, args.path_in_repo, revision=args.revision or None, private=args.private,
+                            commit_message=args.message, token=args.token or None)
     except (ValueError, OSError, ImportError) as e:  # HubError and LoadError are ValueErrors
         print(f"upload: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

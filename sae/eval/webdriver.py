@@ -6,7 +6,7 @@ localhost, standard library only): load a dashboard from disk, click, read the p
         b.click(b.wait_for("tr.row"))
         png = b.screenshot()
 
-    python -m sae.eval.webdriver SITE_DIR --latent 12 --out results/dashboard_scenes.png
+    python -m sae.eval.webdriver SITE_DIR results/dashboard_scenes.png --latent 12
 
 Nothing is downloaded: it needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's packages
 chromium and chromium-driver). Chromium runs with the flags this machine needs: no sandbox (root),
@@ -14,7 +14,6 @@ no GPU, and no background networking, which a closed network would refuse at eve
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import shutil
@@ -25,9 +24,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from sae.core import files
+from sae.core.config import argument, option, parse_config
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -158,22 +159,25 @@ class Browser:
         return base64.b64decode(self._call("GET", self._s("/screenshot")))
 
 
+@dataclass
+class ScreenshotConfig:
+    site: str = argument("dashboard folder (holds index.html)")
+    out: str = argument("PNG file to write")
+    latent: int = option(-1, "open this latent's page (-1 = the index)")
+    width: int = option(1280, "window width in pixels")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae.eval.webdriver",
-                                description="Screenshot a dashboard's page in headless Chromium.")
-    p.add_argument("site", help="dashboard folder (holds index.html)")
-    p.add_argument("--latent", type=int, default=None, help="open this latent's page (default: the index)")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--width", type=int, default=1280)
-    args = p.parse_args(argv)
+    args = parse_config(ScreenshotConfig, argv, "python -m sae.eval.webdriver",
+                        "Screenshot a dashboard's page in headless Chromium.", positional=("site", "out"))
     index = Path(args.site) / "index.html"
     reason = available() or ("" if index.is_file() else f"{index}: no such file")
     if reason:
         print(f"webdriver: error: {reason}", file=sys.stderr)
         return 2
     with Browser(width=args.width) as b:
-        b.get(index.resolve().as_uri() + ("" if args.latent is None else f"#latent={args.latent}"))
-        b.wait_for("#top .context" if args.latent is not None else "tr.row")
+        b.get(index.resolve().as_uri() + ("" if args.latent < 0 else f"#latent={args.latent}"))
+        b.wait_for("#top .context" if args.latent >= 0 else "tr.row")
         files.make_dirs(Path(args.out).parent)
         files.write_bytes(Path(args.out), b.screenshot())
     print(args.out)
