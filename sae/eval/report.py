@@ -446,15 +446,7 @@ def training_curves(log: list[dict], boundaries: list[tuple[int, str]] = ()) -> 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if panel == "loss":
-            # Total dashed and on top, so a part equal to it (mse without a penalty) still shows.
-            # On a log axis parts that are 0 drop out.
-            parts = {k: series(k) for k in loss_keys}
-            scale = log_axis_if_wide(ax, np.concatenate(list(parts.values())))
-            for k, v in parts.items():
-                style = dict(color="black", linestyle="--", linewidth=1.2, zorder=3) if k == "loss" else {}
-                ax.plot(steps, np.where(v > 0, v, np.nan) if scale else v, label=k, **style)
-            ax.set_title("loss and its parts" + scale)
-            ax.legend(fontsize=8)
+            loss_panel(ax, steps, {k: series(k) for k in loss_keys})
         elif panel == "fvu":
             v = series("fvu")
             ax.plot(steps, v, color="tab:red")
@@ -475,21 +467,37 @@ def training_curves(log: list[dict], boundaries: list[tuple[int, str]] = ()) -> 
         else:
             ax.plot(steps, mult, color="tab:brown")
             ax.set_title("sparsity-coefficient multiplier (L0 control)" + log_axis_if_wide(ax, mult))
-    for ax in axes[: len(panels)]:
-        for start, name in boundaries:
-            if start > 0:
-                ax.axvline(start, color="0.35", linestyle=":", linewidth=1)
-    if boundaries:
-        from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
-
-        ax = axes[0]
-        where = blended_transform_factory(ax.transData, ax.transAxes)
-        for start, name in boundaries:
-            ax.text(start, 0.02, f" {name}", transform=where, fontsize=7, color="0.25", rotation=90,
-                    ha="left", va="bottom")
+    mark_phases(axes[: len(panels)], boundaries)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return png(fig)
+
+
+def loss_panel(ax, steps: np.ndarray, parts: dict[str, np.ndarray]) -> None:
+    # Total dashed and on top, so a part equal to it (mse without a penalty) still shows.
+    # On a log axis parts that are 0 drop out.
+    scale = log_axis_if_wide(ax, np.concatenate(list(parts.values())))
+    for k, v in parts.items():
+        style = dict(color="black", linestyle="--", linewidth=1.2, zorder=3) if k == "loss" else {}
+        ax.plot(steps, np.where(v > 0, v, np.nan) if scale else v, label=k, **style)
+    ax.set_title("loss and its parts" + scale)
+    ax.legend(fontsize=8)
+
+
+def mark_phases(axes, boundaries: list[tuple[int, str]]) -> None:
+    """Dotted lines where each phase starts, named in the first panel."""
+    if not boundaries:
+        return
+    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
+
+    for ax in axes:
+        for start, _ in boundaries:
+            if start > 0:
+                ax.axvline(start, color="0.35", linestyle=":", linewidth=1)
+    where = blended_transform_factory(axes[0].transData, axes[0].transAxes)
+    for start, name in boundaries:
+        axes[0].text(start, 0.02, f" {name}", transform=where, fontsize=7, color="0.25", rotation=90,
+                     ha="left", va="bottom")
 
 
 def density_histogram(log_density: torch.Tensor, n_slots: int, eval_tokens: int | None) -> bytes:

@@ -140,48 +140,12 @@ def core_eval(model, sae, hook: str, batches, *, model_name: str, dataset: str, 
     """The SAEBench core-eval output object (a dict, ready for json.dump) for `sae` at `hook`."""
     rows = _Rows(sae.n_total)
     sp = splice_eval(model, sae, hook, batches, scale=scale, on_rows=rows, progress=progress)
-    rec, n = sp["reconstruction"], rows.n
-    s = rows.sums
-    density = rows.fires / max(n, 1)
+    density = rows.fires / max(rows.n, 1)
     weights = weight_metrics(sae)
     lm = sp["objective"] == "next_token"
     # the built-in scenes model is trained on its query answers only: elsewhere its next-token CE is
     # worse than uniform, so its CE/KL fields use the answers (the "all" scope stays in "splice")
     scope = "answers" if "answers" in sp["scopes"] else "all"
-    all_ = sp["scopes"][scope] if lm else {}
-    nan = math.nan
-    misc = {
-        "freq_over_1_percent": (density > 0.01).double().mean().item(),
-        "freq_over_10_percent": (density > 0.1).double().mean().item(),
-        "normalized_freq_over_1_percent": (density[density > 0.01].sum() / density.sum()).item() if density.sum() > 0 else 0.0,
-        "normalized_freq_over_10_percent": (density[density > 0.1].sum() / density.sum()).item() if density.sum() > 0 else 0.0,
-        "average_max_encoder_cosine_sim": weights["max_encoder_cosine_sim"].mean().item(),
-        "average_max_decoder_cosine_sim": weights["max_decoder_cosine_sim"].mean().item(),
-        "frac_alive": (density > 0).double().mean().item(),
-    }
-    metrics = {
-        "model_behavior_preservation": {
-            "kl_div_score": all_.get("kl_recovered_zero", nan), "kl_div_with_ablation": all_.get("kl_zero", nan),
-            "kl_div_with_sae": all_.get("kl_sae", nan)},
-        "model_performance_preservation": {
-            "ce_loss_score": all_.get("ce_recovered_zero", nan), "ce_loss_with_ablation": all_.get("ce_zero", nan),
-            "ce_loss_with_sae": all_.get("ce_sae", nan), "ce_loss_without_sae": all_.get("ce_clean", nan)},
-        "reconstruction_quality": {
-            "explained_variance": rec["explained_variance"], "explained_variance_legacy": s["ev_legacy"] / n,
-            "mse": rec["mse"], "cossim": rec["cossim"]},
-        "shrinkage": {
-            "l2_norm_in": s["l2_in"] / n, "l2_norm_out": s["l2_out"] / n, "l2_ratio": s["l2_ratio"] / n,
-            "relative_reconstruction_bias": s["xhat_sq"] / s["x_dot_xhat"] if s["x_dot_xhat"] else nan},
-        "sparsity": {"l0": rec["l0"], "l1": s["l1"] / n},
-        "token_stats": {"total_tokens_eval_reconstruction": n, "total_tokens_eval_sparsity_variance": n},
-        "misc_metrics": misc,
-    }
-    cah = rows.fires / rows.prompts  # 0/0 = NaN for latents that never fired -> -1
-    details = [{"index": i, "feature_density": density[i].item(), "consistent_activation_heuristic": cah[i].item(),
-                **{k: v[i].item() for k, v in weights.items()}} for i in range(sae.n_total)]
-    order = ("index", "feature_density", "consistent_activation_heuristic", "encoder_bias", "encoder_norm",
-             "encoder_decoder_cosine_sim", "max_decoder_cosine_sim", "max_encoder_cosine_sim")
-    details = [{k: (d[k] if k == "index" else round(d[k], PRECISION)) for k in order} for d in details]
     T = batches[0].tokens.shape[1]
     eval_config = {
         "model_name": model_name, "llm_dtype": "float32", "batch_size_prompts": len(batches[0].tokens),
@@ -191,7 +155,61 @@ def core_eval(model, sae, hook: str, batches, *, model_name: str, dataset: str, 
         "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
         "exclude_special_tokens_from_reconstruction": True, "verbose": False,
     }
-    unstructured = {
+    return _clean({
+        "eval_type_id": "core", "eval_config": eval_config, "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": _metrics(sp, rows, density, weights, sp["scopes"][scope] if lm else {}),
+        "eval_result_details": _details(rows, density, weights), "sae_bench_commit_hash": "unknown",
+        "sae_lens_id": sae_id, "sae_lens_release_id": release, "sae_lens_version": _sae_lens_version(),
+        "sae_cfg_dict": sae_cfg_dict, "eval_result_unstructured": _unstructured(sae, hook, sp, rows, scope if lm else None),
+    })
+
+
+def _metrics(sp: dict, rows: _Rows, density: torch.Tensor, weights: dict, ce_kl: dict) -> dict:
+    """SAEBench's eval_result_metrics; `ce_kl` is the splice scope CE/KL are read from ({} = none)."""
+    rec, s, n, nan = sp["reconstruction"], rows.sums, rows.n, math.nan
+    live = density.sum()
+    return {
+        "model_behavior_preservation": {
+            "kl_div_score": ce_kl.get("kl_recovered_zero", nan), "kl_div_with_ablation": ce_kl.get("kl_zero", nan),
+            "kl_div_with_sae": ce_kl.get("kl_sae", nan)},
+        "model_performance_preservation": {
+            "ce_loss_score": ce_kl.get("ce_recovered_zero", nan), "ce_loss_with_ablation": ce_kl.get("ce_zero", nan),
+            "ce_loss_with_sae": ce_kl.get("ce_sae", nan), "ce_loss_without_sae": ce_kl.get("ce_clean", nan)},
+        "reconstruction_quality": {
+            "explained_variance": rec["explained_variance"], "explained_variance_legacy": s["ev_legacy"] / n,
+            "mse": rec["mse"], "cossim": rec["cossim"]},
+        "shrinkage": {
+            "l2_norm_in": s["l2_in"] / n, "l2_norm_out": s["l2_out"] / n, "l2_ratio": s["l2_ratio"] / n,
+            "relative_reconstruction_bias": s["xhat_sq"] / s["x_dot_xhat"] if s["x_dot_xhat"] else nan},
+        "sparsity": {"l0": rec["l0"], "l1": s["l1"] / n},
+        "token_stats": {"total_tokens_eval_reconstruction": n, "total_tokens_eval_sparsity_variance": n},
+        "misc_metrics": {
+            "freq_over_1_percent": (density > 0.01).double().mean().item(),
+            "freq_over_10_percent": (density > 0.1).double().mean().item(),
+            "normalized_freq_over_1_percent": (density[density > 0.01].sum() / live).item() if live > 0 else 0.0,
+            "normalized_freq_over_10_percent": (density[density > 0.1].sum() / live).item() if live > 0 else 0.0,
+            "average_max_encoder_cosine_sim": weights["max_encoder_cosine_sim"].mean().item(),
+            "average_max_decoder_cosine_sim": weights["max_decoder_cosine_sim"].mean().item(),
+            "frac_alive": (density > 0).double().mean().item(),
+        },
+    }
+
+
+def _details(rows: _Rows, density: torch.Tensor, weights: dict) -> list[dict]:
+    """SAEBench's per-latent eval_result_details, its keys in its order, rounded as it rounds."""
+    cah = rows.fires / rows.prompts  # 0/0 = NaN for latents that never fired -> -1
+    order = ("encoder_bias", "encoder_norm", "encoder_decoder_cosine_sim", "max_decoder_cosine_sim",
+             "max_encoder_cosine_sim")
+    return [{"index": i, "feature_density": round(density[i].item(), PRECISION),
+             "consistent_activation_heuristic": round(cah[i].item(), PRECISION),
+             **{k: round(weights[k][i].item(), PRECISION) for k in order}} for i in range(len(density))]
+
+
+def _unstructured(sae, hook: str, sp: dict, rows: _Rows, ce_kl_scope: str | None) -> dict:
+    """What SAEBench's layout has no field for: the splice results and the definitions used."""
+    s, n = rows.sums, rows.n
+    return {
         "producer": "sae.eval.saebench (not SAEBench itself; SAEBench's layout)", "git_commit": _git_commit(),
         "hook_name": hook, "architecture": sae.architecture, "objective": sp["objective"],
         "splice": {k: v for k, v in sp.items() if k != "reconstruction"},
@@ -201,18 +219,11 @@ def core_eval(model, sae, hook: str, batches, *, model_name: str, dataset: str, 
             "explained_variance_legacy": "mean_t (1 - ||x_t - x_hat_t||^2 / ||x_t - batch mean||^2), as SAEBench",
             "mse": "mean_t ||x_t - x_hat_t||^2 (SAEBench divides this by the batch's token count as well: mse_saebench_literal)",
             "ablation": "zero ablation, as SAEBench; mean-ablation scores are in splice.scopes.*.*_recovered_mean",
-            "ce_kl_positions": ("the scenes model's query answers (the only tokens it is trained to predict)"
-                                if scope == "answers" else "every next-token prediction") if lm else None,
+            "ce_kl_positions": {"answers": "the scenes model's query answers (the only tokens it is trained to predict)",
+                                "all": "every next-token prediction", None: None}[ce_kl_scope],
             "tokens": "BOS, PAD and tokenizer special tokens are neither reconstructed nor counted",
         },
     }
-    return _clean({
-        "eval_type_id": "core", "eval_config": eval_config, "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
-        "eval_result_details": details, "sae_bench_commit_hash": "unknown", "sae_lens_id": sae_id,
-        "sae_lens_release_id": release, "sae_lens_version": _sae_lens_version(), "sae_cfg_dict": sae_cfg_dict,
-        "eval_result_unstructured": unstructured,
-    })
 
 
 def result_path(out_dir: str | Path, release: str, sae_id: str) -> Path:
