@@ -4,6 +4,7 @@
     m = sae.TopKSAE(d_in=64, n_latents=1024, k=8)
     m = sae.BindingSAE(d_in=64, n_latents=256, n_slots=2, k=8)   # decoder [D; M_2 D]
     m = sae.BindingSAE(64, 256, n_slots=2, sparsity=sae.BatchTopK(k=8))  # any sparsity rule
+    m = sae.SkipTranscoder(64, 1024, d_out=64, sparsity=sae.TopK(k=8))   # one hook -> another
     out = m(x)                      # out.x_hat, out.codes, out.loss, out.losses
     sae.train(m, data, steps=1000, batch_size=1024, lr=1e-3, seed=0)
     m.save("dir"); m2 = sae.load("dir")
@@ -23,10 +24,12 @@ from sae.core.architectures.matryoshka import MatryoshkaSAE
 from sae.core.architectures.relu import ReLU, ReLUSAE
 from sae.core.architectures.sparsity import Sparsity
 from sae.core.architectures.topk import TopK, TopKPerSlot, TopKSAE
+from sae.core.architectures.transcoder import SkipTranscoder, Transcoder
 from sae.core.io import load, save
 from sae.core.trainer import TrainConfig, TrainResult
 from sae.recipes.training import train, train_many
 
 __all__ = ["SAE", "SAEConfig", "SAEOutput", "Code", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "BindingSAE",
-           "MatryoshkaSAE", "Sparsity", "TopK", "TopKPerSlot", "BatchTopK", "ReLU", "JumpReLU",
+           "MatryoshkaSAE", "Transcoder", "SkipTranscoder", "Sparsity", "TopK", "TopKPerSlot", "BatchTopK", "ReLU",
+           "JumpReLU",
            "load", "save", "train", "train_many", "TrainConfig", "TrainResult"]

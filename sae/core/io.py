@@ -2,7 +2,7 @@
 
 A dictionary directory holds
     cfg.json                  SAELens fields (so SAELens' SAE.load_from_disk reads it) + our "sae" block
-    sae_weights.safetensors   W_enc, W_dec, b_enc, b_dec (+ threshold), SAELens keys and orientation
+    sae_weights.safetensors   W_enc, W_dec, b_enc, b_dec (+ threshold, W_skip), SAELens keys and orientation
     sparsity.safetensors      "sparsity": log10 feature density per latent (optional)
 Everything is written to a temporary directory first and renamed into place, so a crash never
 leaves a half-written directory that looks complete, and a dictionary replaces only a folder that
@@ -34,6 +34,10 @@ CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "
 SAELENS_LAYOUT_VERSION = "6.0.0"
 # SAELens architecture names -> ours, for directories SAELens saved.
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+# SAELens transcoder architectures -> (ours, sparsity rule); they encode x without b_dec (d_out wide).
+TRANSCODERS_FROM_SAELENS = {"transcoder": ("transcoder", "relu"), "skip_transcoder": ("skip_transcoder", "relu"),
+                            "jumprelu_transcoder": ("transcoder", "jumprelu"),
+                            "jumprelu_skip_transcoder": ("skip_transcoder", "jumprelu")}
 
 
 class LoadError(ValueError):
@@ -182,9 +186,12 @@ def _from_our_cfg(path: Path, block: dict) -> SAE:
 
 def _from_saelens_cfg(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[SAE, dict[str, Tensor]]:
     arch = cfg.get("architecture", "standard")
+    if arch in TRANSCODERS_FROM_SAELENS:
+        return _transcoder_from_saelens(path, cfg, state)
     if arch not in FROM_SAELENS:
+        known = sorted({*FROM_SAELENS, *TRANSCODERS_FROM_SAELENS})
         raise LoadError(f"{path / CFG_FILE}: unknown architecture {arch!r}; "
-                        f"SAELens architectures read: {', '.join(sorted(FROM_SAELENS))}")
+                        f"SAELens architectures read: {', '.join(known)}")
     if cfg.get("normalize_activations", "none") not in ("none", None, False):  # pre-6.0 configs say false
         raise LoadError(f"{path / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r} needs a "
                         "run-time scale that is not stored with the weights; fold it and save with 'none'")
@@ -211,6 +218,22 @@ def _from_saelens_cfg(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[
         if ours == "batchtopk" and "threshold" not in state and "topk_threshold" in state:
             state["threshold"] = state.pop("topk_threshold").expand(n)
     return model, state
+
+
+def _transcoder_from_saelens(path: Path, cfg: dict, state: dict[str, Tensor]) -> tuple[SAE, dict[str, Tensor]]:
+    """A transcoder SAELens saved: our Transcoder / SkipTranscoder with its ReLU or JumpReLU rule.
+    Weights map one to one (SAELens encodes x, not x - b_dec, as we do for transcoders)."""
+    ours, rule = TRANSCODERS_FROM_SAELENS[cfg["architecture"]]
+    if cfg.get("apply_b_dec_to_input", False):
+        raise LoadError(f"{path / CFG_FILE}: a transcoder with apply_b_dec_to_input true (its b_dec is the output's)")
+    if cfg.get("normalize_activations", "none") not in ("none", None, False):
+        raise LoadError(f"{path / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r} needs a "
+                        "run-time scale that is not stored with the weights")
+    try:
+        d_in, n, d_out = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["d_out"])
+    except (KeyError, ValueError, TypeError):
+        raise LoadError(f"{path / CFG_FILE}: needs integer d_in, d_sae and d_out") from None
+    return ARCHITECTURES[ours](d_in, n, d_out=d_out, sparsity=rule), dict(state)
 
 
 def load_sparsity(path: str | os.PathLike) -> Tensor | None:

@@ -97,15 +97,16 @@ def density_histogram(log_density: Tensor, bins: int = 20, low: float = -10.0, h
 
 @torch.no_grad()
 def evaluate(model, batches, device="cpu") -> tuple[dict[str, float], Tensor]:
-    """Run `model` (in eval mode) over an iterable of (B, d_in) batches; return (metrics, log10 density)."""
+    """Run `model` (in eval mode) over an iterable of (B, d_in) batches, or of (x, target) pairs for
+    a transcoder (reconstruction is then measured against the target); return (metrics, log10 density)."""
     was_training = model.training
     model.eval()
     stats = RunningStats(model.n_total, b_dec=model.b_dec)
     try:
-        for x in batches:
-            x = x.to(device)
+        for batch in batches:
+            x, y = (t.to(device) for t in batch) if isinstance(batch, (tuple, list)) else (batch.to(device),) * 2
             out = model(x)
-            stats.update(x, out.x_hat, out.codes)
+            stats.update(y, out.x_hat, out.codes)
     finally:
         model.train(was_training)
     metrics = stats.summary()

@@ -48,6 +48,8 @@ def describe_data(data, hook: str) -> dict:
     """Enough to tell whether a resumed run reads the same data."""
     if hasattr(data, "describe"):  # a model stream
         return {**data.describe(), "hook": hook}
+    if isinstance(data, dict):  # in-memory tensors by hook (a transcoder's input and target)
+        return {"hook": hook, **describe_data(data[hook], hook)}
     if torch.is_tensor(data):
         digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
         return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha256": digest}

@@ -11,6 +11,10 @@ get their codes out of the run.
 
     codes = run_codes(model, {hook: sae}, tokens)      # codes only, the model left as it is
 
+A transcoder is attached at its pair of hooks, {(input hook, output hook): tc}: it reads the input
+hook's rows (left as they are) and replaces the OUTPUT hook's by its prediction, so the output hook
+names it in run.codes / run.masks. The input hook must run first in the forward pass.
+
 Options of `attached`:
     error_term   replace x by x_hat + (x - x_hat): the model's output is unchanged (up to float
                  rounding) but runs through the dictionary, which is what makes `edit` a causal
@@ -20,7 +24,8 @@ Options of `attached`:
     edit         edit(hook, codes) -> codes, applied before decoding (ablate or steer latents)
     replace      False: only read codes, leave every activation as the model made it
     scale        the factor a dictionary under training sees its inputs multiplied by (sae.train
-                 scales them; saved dictionaries have it folded in and work on raw activations)
+                 scales them; saved dictionaries have it folded in and work on raw activations);
+                 for a transcoder a pair (input scale, target scale)
     on_rows      on_rows(hook, x, x_hat, codes) after each replacement, for running statistics
 
 Several dictionaries at several hooks act together: a later hook sees what the earlier
@@ -36,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from sae.core.architectures.transcoder import is_transcoder
 from sae.lm.hooked import check_hook_names, hook_activations
 
 
@@ -121,38 +127,69 @@ def replacing(model, functions: dict[str, Callable], positions=None, _run: Run |
 
 @contextlib.contextmanager
 def attached(model, saes: dict, *, error_term: bool = False, positions=None, edit: Callable | None = None,
-             replace: bool = True, scale: float = 1.0, on_rows: Callable | None = None):
-    """Run `model` with dictionaries attached ({hook: sae}); yields a Run holding their codes."""
+             replace: bool = True, scale: float | tuple = 1.0, on_rows: Callable | None = None):
+    """Run `model` with dictionaries attached ({hook: sae}, or {(input hook, output hook): transcoder});
+    yields a Run holding their codes."""
     _check_widths(model, saes)
     run = Run()
+    at = {key[1] if isinstance(key, tuple) else key: sae for key, sae in saes.items()}  # hook replaced -> sae
+    reads = {key[0]: key[1] for key in saes if isinstance(key, tuple)}  # transcoder input hook -> output hook
+    clash = sorted(set(reads) & set(at))
+    if clash or len(at) < len(saes):
+        raise ValueError(f"hook {(clash or [k for k in saes])[0]} is given to two dictionaries: attach them in turn")
+    inputs: dict = {}  # output hook -> the input rows its transcoder read in this pass
+
+    def read_input(name, x):
+        inputs[reads[name]] = x
+        return x
 
     def through_sae(name, x):
-        sae = saes[name]
+        transcoder = name in reads.values()
+        sae, source = at[name], inputs.pop(name, None) if transcoder else x
+        if source is None:
+            raise ValueError(f"the transcoder replacing {name} found no rows of its input hook: that hook must "
+                             "come before the output hook in the forward pass")
+        s_in, s_out = scale if isinstance(scale, tuple) else (scale, scale)
         dev = next(sae.parameters()).device
-        codes = sae.encode(x.to(dev, torch.float32) * scale)
-        x_hat = (sae.decode(codes) / scale).to(x.device, x.dtype)
+        source = source.to(dev, torch.float32) * s_in
+        codes = sae.encode(source)
+
+        def decode(codes):  # a transcoder's skip term reads the input rows
+            x_hat = sae.decode(codes, source) if transcoder else sae.decode(codes)
+            return (x_hat / s_out).to(x.device, x.dtype)
+
+        x_hat = decode(codes)
         if on_rows is not None:
             on_rows(name, x, x_hat, codes)
         error = x - x_hat  # the dictionary's own error, before any edit: edits must not cancel out
         if edit is not None:
             codes = edit(name, codes)
-            x_hat = (sae.decode(codes) / scale).to(x.device, x.dtype)
+            x_hat = decode(codes)
         run.codes[name] = codes
         if not replace:
             return x
         return x_hat + error if error_term else x_hat
 
-    with torch.no_grad(), replacing(model, {name: through_sae for name in saes}, positions, run):
+    functions = {**{name: read_input for name in reads}, **{name: through_sae for name in at}}
+    with torch.no_grad(), replacing(model, functions, positions, run):
         yield run
 
 
 def _check_widths(model, saes: dict):
-    """Hooks the model has, holding activations as wide as each dictionary's input."""
-    check_hook_names(model, list(saes))
-    for name, sae in saes.items():
-        width = _hook_width(model, name)
-        if width is not None and width != sae.d_in:
-            raise ValueError(f"hook {name} has width {width} but the dictionary attached there has d_in={sae.d_in}")
+    """Hooks the model has, holding activations as wide as each dictionary's input (and a
+    transcoder's output hook as wide as its output)."""
+    for key, sae in saes.items():
+        if is_transcoder(sae) != isinstance(key, tuple):
+            raise ValueError(f"{key}: a transcoder is attached at a pair of hooks (input, output), any other "
+                             "dictionary at one hook")
+        pairs = [(key, sae.d_in, "d_in")]
+        if isinstance(key, tuple):
+            pairs = [(key[0], sae.d_in, "d_in"), (key[1], sae.d_out, "d_out")]
+        check_hook_names(model, [name for name, _, _ in pairs])
+        for name, want, what in pairs:
+            width = _hook_width(model, name)
+            if width is not None and width != want:
+                raise ValueError(f"hook {name} has width {width} but the dictionary attached there has {what}={want}")
 
 
 def _hook_width(model, name: str) -> int | None:
@@ -166,12 +203,14 @@ def run_codes(model, saes: dict, tokens: torch.Tensor, positions=None) -> dict[s
     positions selected (row-major: sequence, then position). The forward pass stops after the
     last block a hook needs; nothing in the model is replaced."""
     _check_widths(model, saes)
-    acts = hook_activations(model, tokens, list(saes))
+    reads = {key: key[0] if isinstance(key, tuple) else key for key in saes}  # a transcoder encodes its input hook
+    acts = hook_activations(model, tokens, list(dict.fromkeys(reads.values())))
     mask = position_mask(positions, *tokens.shape)
     out = {}
-    for name, sae in saes.items():
+    for key, sae in saes.items():
+        name = reads[key]
         rows = acts[name][mask.to(acts[name].device)]
         if rows.shape[-1] != sae.d_in:
             raise ValueError(f"hook {name} has width {rows.shape[-1]} but its dictionary has d_in={sae.d_in}")
-        out[name] = sae.encode(rows.to(next(sae.parameters()).device, torch.float32))
+        out[key] = sae.encode(rows.to(next(sae.parameters()).device, torch.float32))
     return out

@@ -32,6 +32,10 @@ What is measured depends on the model:
 
 SAEs trained by sae.train see x * scale during training (sae/trainer.py); pass `scale` to
 evaluate one mid-training (make_splice_callback does): x_hat = sae(x * scale) / scale.
+
+A transcoder (hook_out given) reads `hook` and replaces `hook_out` with its prediction: every
+condition (and the ablations' zero and mean) then acts on the OUTPUT hook, and the reconstruction
+metrics compare the prediction with the output hook's activation. Its scale is a pair (input, target).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sae.core.architectures.transcoder import is_transcoder
 from sae.core.io import load
 from sae.core.metrics import RunningStats
 from sae.lm import models
@@ -161,12 +166,14 @@ def _encoder_metrics(hidden, clean_hidden, batch: TokenBatch, pad_id) -> dict:
 
 
 @torch.no_grad()
-def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: float = 1.0,
-                error_term: bool = False, on_rows=None, progress: bool = False) -> dict:
-    """Loss recovered by splicing `sae` into `model` at `hook` over `batches` (see module doc).
-    `on_rows(x, x_hat, codes, batch_index, seq_of_row)` is called in the SAE condition with the
-    replaced rows (x_hat in x's units; codes as the SAE produced them), for extra statistics."""
-    models.check_hook_names(model, [hook])
+def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: float | tuple = 1.0,
+                error_term: bool = False, on_rows=None, progress: bool = False, hook_out: str | None = None) -> dict:
+    """Loss recovered by splicing `sae` into `model` at `hook` over `batches` (see module doc); a
+    transcoder reads `hook` and replaces `hook_out`. `on_rows(x, x_hat, codes, batch_index,
+    seq_of_row)` is called in the SAE condition with the replaced rows (x_hat in x's units; codes
+    as the SAE produced them), for extra statistics."""
+    models.check_hook_names(model, [hook] + ([hook_out] if hook_out else []))
+    key, replaced = ((hook, hook_out), hook_out) if hook_out else (hook, hook)
     was_training = sae.training
     sae.eval()
     encoder = is_encoder(model)
@@ -175,10 +182,10 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
     sums: dict = {c: {} for c in conditions}
     stats = RunningStats(sae.n_total)
     try:
-        mean, count = _mean_activation(model, hook, batches, sae.d_in)
+        mean, count = _mean_activation(model, replaced, batches, sae.d_out if hook_out else sae.d_in)
         ablations = {"zero": lambda name, x: torch.zeros_like(x),
                      "mean": lambda name, x: mean.to(x.device, x.dtype).expand_as(x).clone()}
-        bar = tqdm(batches, desc=f"splice {hook}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(batches, desc=f"splice {replaced}", disable=not progress, dynamic_ncols=True)
         for bi, b in enumerate(bar):
             clean = model(b.tokens)
 
@@ -191,10 +198,10 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
                 if c == "clean":
                     out = clean
                 elif c in ablations:
-                    with replacing(model, {hook: ablations[c]}, positions=b.splice):
+                    with replacing(model, {replaced: ablations[c]}, positions=b.splice):
                         out = model(b.tokens)
                 else:  # the dictionary itself, or it plus its error term
-                    with attached(model, {hook: sae}, positions=b.splice, scale=scale, error_term=c == "error",
+                    with attached(model, {key: sae}, positions=b.splice, scale=scale, error_term=c == "error",
                                   on_rows=sae_rows if c == "sae" else None):
                         out = model(b.tokens)
                 m = _encoder_metrics(out, clean, b, pad_id) if encoder else _lm_metrics(out, clean, b)
@@ -204,7 +211,8 @@ def splice_eval(model, sae, hook: str, batches: list[TokenBatch], *, scale: floa
                         acc[k] = acc.get(k, 0) + v
     finally:
         sae.train(was_training)
-    result = {"hook": hook, "objective": "sentence_embedding" if encoder else "next_token",
+    result = {"hook": hook, **({"hook_out": hook_out} if hook_out else {}),
+              "objective": "sentence_embedding" if encoder else "next_token",
               "n_sequences": sum(len(b.tokens) for b in batches), "n_spliced_rows": count, "scale": scale,
               "conditions": conditions, "scopes": {}, "reconstruction": stats.summary()}
     result["scopes"] = {scope: _recovered(sums, scope, conditions) for scope in sums["clean"]}
@@ -249,13 +257,13 @@ def _recovered(sums: dict, scope: str, conditions: list[str]) -> dict:
 class SpliceMonitor:
     """Loss recovered for the SAE under training, every `every` steps (see make_splice_callback)."""
 
-    def __init__(self, model, hook, batches, every):
-        self.model, self.hook, self.batches, self.every = model, hook, batches, every
+    def __init__(self, model, hook, batches, every, hook_out: str | None = None):
+        self.model, self.hook, self.batches, self.every, self.hook_out = model, hook, batches, every, hook_out
 
-    def __call__(self, sae, step: int, scale: float = 1.0) -> dict:
+    def __call__(self, sae, step: int, scale: float | tuple = 1.0) -> dict:
         if self.every <= 0 or step % self.every:
             return {}
-        res = splice_eval(self.model, sae, self.hook, self.batches, scale=scale)
+        res = splice_eval(self.model, sae, self.hook, self.batches, scale=scale, hook_out=self.hook_out)
         keys = ("ce_sae", "ce_recovered_zero", "ce_recovered_mean", "kl_sae", "acc_sae", "acc_recovered_mean",
                 "emb_loss_sae", "emb_loss_recovered_mean", "sim_err_sae")
         return {f"splice/{scope}/{k}": v for scope, d in res["scopes"].items() for k, v in d.items() if k in keys}
@@ -269,21 +277,23 @@ def splice_monitor(every: int, n_sequences: int):
         if not model_id or not hook:
             raise ValueError("splice_every needs the model and hook: train on an activation cache, or pass "
                              "metadata={'model_name': ..., 'hook_name': ...}")
-        return make_splice_callback(model_id, hook, every, n_sequences=n_sequences, device=str(device))
+        return make_splice_callback(model_id, hook, every, n_sequences=n_sequences, device=str(device),
+                                    hook_out=metadata.get("hook_name_out"))
 
     return make
 
 
 def make_splice_callback(model_id: str, hook: str, every: int, n_sequences: int = 64, batch_size: int = 64,
-                         source: str = "", device: str = "cpu", model=None) -> SpliceMonitor:
+                         source: str = "", device: str = "cpu", model=None,
+                         hook_out: str | None = None) -> SpliceMonitor:
     """A callable `monitor(sae, step, scale) -> dict` for the training loop: every `every` steps it
     splices the SAE under training (which sees x * scale) into `model_id` at `hook` on a fixed set
     of n_sequences held-out sequences and returns flat scalars ({"splice/all/ce_recovered_zero":
     ..., ...}) to merge into the step's logs; on other steps it returns {}. The model and the
-    token batches are loaded once, here."""
+    token batches are loaded once, here. A transcoder's monitor replaces `hook_out`."""
     model = model if model is not None else models.load_model(model_id, device)
-    models.check_hook_names(model, [hook], model_id)
-    return SpliceMonitor(model, hook, make_batches(model_id, model, source, n_sequences, batch_size), every)
+    models.check_hook_names(model, [hook] + ([hook_out] if hook_out else []), model_id)
+    return SpliceMonitor(model, hook, make_batches(model_id, model, source, n_sequences, batch_size), every, hook_out)
 
 
 # -----------------------------------------------------------------------------
@@ -314,3 +324,16 @@ def load_for_eval(path: str, model_id: str = "", hook: str = "", device: str = "
     model = models.load_model(model_id, device)
     models.check_hook_names(model, [hook], model_id)
     return sae, model, model_id, hook, cfg
+
+
+def output_hook(sae, cfg: dict, given: str = "") -> str | None:
+    """The hook a transcoder replaces (`given`, else its cfg.json's metadata.hook_name_out); None
+    for any other dictionary, which replaces the hook it reads."""
+    if not is_transcoder(sae):
+        if given:
+            raise ValueError(f"--hook-out is for transcoders; this is a {sae.architecture} SAE")
+        return None
+    hook_out = given or cfg.get("metadata", {}).get("hook_name_out") or ""
+    if not hook_out:
+        raise ValueError("the transcoder's cfg.json names no output hook (metadata.hook_name_out): pass --hook-out")
+    return hook_out

@@ -211,6 +211,17 @@ class SAE(nn.Module):
         """Width of the code vector (n_slots * n_latents for structured SAEs)."""
         return self.cfg.n_total
 
+    @property
+    def d_out(self) -> int:
+        """Width of x_hat: d_in, except for a transcoder (transcoder.py)."""
+        return self.cfg.d_in
+
+    @property
+    def input_bias(self) -> Tensor | None:
+        """What encoding subtracts from x (rules pass it to the kernels as their b_dec): b_dec, so
+        codes see x centred where x_hat is; None for a transcoder, whose b_dec is its output's."""
+        return self.b_dec
+
     def init_decoder(self):
         """Create the decoder parameters. Structured SAEs override this."""
         self.W_dec = nn.Parameter(self._random_rows(self.n_total, self.d_in))

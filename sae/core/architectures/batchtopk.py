@@ -39,7 +39,7 @@ class BatchTopK(TopK):
             pre = sae.pre_activations(x)
             return Code(pre.relu() * (pre > sae.threshold), None, sae.n_total)
         # Sparse (B, cap) codes: per-row candidates, zeroed outside the batch's top B*k.
-        values, indices = kernels.batch_topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec)
+        values, indices = kernels.batch_topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.input_bias)
         self._update_threshold(sae, values.detach())
         return Code(values, indices, sae.n_total)
 

@@ -86,7 +86,7 @@ class JumpReLU(Sparsity):
         l0 = StepFunction.apply(pre, threshold, self.bandwidth).sum(-1).mean()
         return Code(codes, None, sae.n_total, extras={"l0": l0})
 
-    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code, target: Tensor | None = None) -> dict[str, Tensor]:
         return {"sparsity": self.l0_coeff * code.extras["l0"]}
 
     @torch.no_grad()

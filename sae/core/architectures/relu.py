@@ -37,7 +37,7 @@ class ReLU(Sparsity):
     def encode_code(self, sae: SAE, x: Tensor) -> Code:
         return Code(sae.pre_activations(x).relu(), None, sae.n_total)
 
-    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code, target: Tensor | None = None) -> dict[str, Tensor]:
         weighted = code.values * sae.decoder_norms()
         return {"sparsity": self.l1_coeff * weighted.sum(-1).mean()}
 

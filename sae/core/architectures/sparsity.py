@@ -45,8 +45,9 @@ class Sparsity:
     def encode_code(self, sae: SAE, x: Tensor) -> Code:
         raise NotImplementedError
 
-    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
-        """The sparsity penalty ("sparsity") and auxiliary losses; none by default."""
+    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code, target: Tensor | None = None) -> dict[str, Tensor]:
+        """The sparsity penalty ("sparsity") and auxiliary losses; none by default. `target` is
+        what x_hat should match when that is not x (a transcoder's output hook)."""
         return {}
 
     def steer_l0_(self, sae: SAE, log_error_step: float) -> bool:

@@ -35,11 +35,11 @@ class TopK(Sparsity):
     def encode_code(self, sae: SAE, x: Tensor) -> Code:
         dead = self.aux_dead(sae)
         if dead is None:
-            values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec)
+            values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.input_bias)
             return Code(values, indices, sae.n_total)
         # AuxK's selection comes from the same pre-activations as the codes (no second encoder pass).
         values, indices, aux_values, aux_indices = kernels.topk_encode_aux(
-            x, sae.W_enc, sae.b_enc, self.k, dead, self.k_aux(sae), b_dec=sae.b_dec)
+            x, sae.W_enc, sae.b_enc, self.k, dead, self.k_aux(sae), b_dec=sae.input_bias)
         return Code(values, indices, sae.n_total,
                     extras={"aux_dead": dead, "aux_values": aux_values, "aux_indices": aux_indices})
 
@@ -51,27 +51,33 @@ class TopK(Sparsity):
         return dead if dead.numel() else None
 
     def k_aux(self, sae: SAE) -> int:
-        return self.aux_k or sae.d_in // 2
+        return self.aux_k or sae.d_out // 2  # half the residual's width (d_in but for a transcoder)
 
-    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code) -> dict[str, Tensor]:
+    def losses(self, sae: SAE, x: Tensor, x_hat: Tensor, code: Code, target: Tensor | None = None) -> dict[str, Tensor]:
         if "aux_dead" in code.extras:
             dead = code.extras["aux_dead"]
         else:  # an encoder that did not select for AuxK (BatchTopK, per-slot TopK)
             dead = self.aux_dead(sae)
             if dead is None:
                 return {}
-        return {"aux": self.aux_coeff * self.aux_loss(sae, x, x_hat, dead, code)}
+        return {"aux": self.aux_coeff * self.aux_loss(sae, x, x_hat, dead, code, target)}
 
-    def aux_loss(self, sae: SAE, x: Tensor, x_hat: Tensor, dead: Tensor, code: Code | None = None) -> Tensor:
+    def aux_loss(self, sae: SAE, x: Tensor, x_hat: Tensor, dead: Tensor, code: Code | None = None,
+                 target: Tensor | None = None) -> Tensor:
+        """The dead latents, encoding x, fit the residual (target, x by default) - x_hat."""
         # Only the dead latents' encoder columns and decoder rows are touched, and only at the
         # k_aux pairs each token selects: decoded sparsely (gather-sum, sorted segment backward).
         aux_k = self.k_aux(sae)
         rows = sae.aux_decoder_rows(dead)
         if code is not None and "aux_values" in code.extras:
             residual_hat = kernels.sparse_decode(code.extras["aux_values"], code.extras["aux_indices"], rows)
-        else:
-            residual_hat = kernels.auxk_reconstruct(x, sae.W_enc, sae.b_enc, aux_k, dead, rows, sae.b_dec)
-        residual = (x - x_hat).detach()
+        elif rows.shape[1] == x.shape[1]:
+            residual_hat = kernels.auxk_reconstruct(x, sae.W_enc, sae.b_enc, aux_k, dead, rows, sae.input_bias)
+        else:  # a transcoder's rows write another width than x's, which auxk_reconstruct assumes: the same, unfused
+            values, indices = kernels.topk_encode(x, sae.W_enc[:, dead], sae.b_enc[dead], min(aux_k, dead.numel()),
+                                                  b_dec=sae.input_bias)
+            residual_hat = kernels.sparse_decode(values, indices, rows)
+        residual = ((x if target is None else target) - x_hat).detach()
         # Scaled by the dead share (as SAELens does) so a handful of dead latents is not over-weighted.
         return (residual_hat - residual).pow(2).sum(-1).mean() * min(dead.numel() / aux_k, 1.0)
 
@@ -89,7 +95,7 @@ class TopKPerSlot(TopK):
         if self.k > sae.n_latents:
             raise ValueError(f"topk_per_slot needs k <= n_latents ({sae.n_latents}), got {self.k}")
         slots = sae.n_total // sae.n_latents
-        values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.b_dec, groups=slots)
+        values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, self.k, b_dec=sae.input_bias, groups=slots)
         return Code(values, indices, sae.n_total)
 
     def saelens_fields(self, sae: SAE) -> dict:
