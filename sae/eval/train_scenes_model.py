@@ -73,17 +73,7 @@ def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed:
     patched = query_logits(model, A, [(hook, patch_sep(sep_B))])
     identity = (patched - query_logits(model, hybrid)).abs().max().item()
 
-    # expected answers for A's prompts in scene B (undefined when the prompt names a colour B lacks)
-    expected = torch.full_like(A.answers, -1)
-    for i, (a, b) in enumerate(zip(base, edited)):
-        for j, q in enumerate(a.queries):
-            _, by, asked = scenes.QUERY_KINDS[q.kind]
-            if by == "slot":
-                match = [b.objects[q.slot]]
-            else:
-                match = [o for o in b.objects if getattr(o, by) == q.prompt[1]]
-            if match:
-                expected[i, j] = TOKENIZER.word_to_id[getattr(match[0], asked)]
+    expected = answers_in(base, edited, A.answers)
     pred = patched.argmax(-1)
     flipped = (expected >= 0) & (expected != A.answers)
     same = (expected >= 0) & (expected == A.answers)
@@ -108,6 +98,19 @@ def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed:
         },
         "probes": probes,
     }
+
+
+def answers_in(base: list, edited: list, answers: torch.Tensor) -> torch.Tensor:
+    """The answers to each base scene's queries asked of its edited scene, token ids shaped like
+    `answers`; -1 where undefined (the prompt names a colour the edited scene lacks)."""
+    expected = torch.full_like(answers, -1)
+    for i, (a, b) in enumerate(zip(base, edited)):
+        for j, q in enumerate(a.queries):
+            _, by, asked = scenes.QUERY_KINDS[q.kind]
+            match = [b.objects[q.slot]] if by == "slot" else [o for o in b.objects if getattr(o, by) == q.prompt[1]]
+            if match:
+                expected[i, j] = TOKENIZER.word_to_id[getattr(match[0], asked)]
+    return expected
 
 
 PROBES = {"linear": 0, "mlp": 256}  # probe kind -> hidden width
