@@ -29,6 +29,7 @@ from sae.core import io
 from sae.core.architectures.base import SAE
 from sae.core.config import OptionError, option
 from sae.core.metrics import batch_metrics, evaluate
+from sae.core.optim import make_optimizer, optimizer_step
 from sae.core.run_dir import RunDir, describe_data
 from sae.core.store import make_store
 
@@ -308,8 +309,7 @@ def make_member(name, model, readers, cfg, hook, target, metadata, device) -> Me
     if target is not None and readers[target].d_in != model.d_out:
         raise ValueError(f"target hook {target} has d={readers[target].d_in} but {name} outputs {model.d_out}")
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                 fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, device)
     folder = (Path(cfg.run_dir) / name if name else Path(cfg.run_dir)) if cfg.run_dir else None
     meta = data_metadata(reader, metadata)
     if target is not None:
@@ -423,11 +423,7 @@ def train_step(m: Member, batch: dict, cfg: TrainConfig, use_bf16: bool, tokens_
         raise FloatingPointError(f"loss became {loss.item()} at step {state.step}{where}; lower lr or check the data")
     m.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    model.remove_parallel_grad_()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    m.optimizer.step()
-    model.normalize_decoder_()
+    optimizer_step(model, m.optimizer, grad_clip=cfg.grad_clip)
     if cfg.target_l0 > 0:
         steer_l0(model, state, out.code.l0().item(), cfg)
     state.step += 1
