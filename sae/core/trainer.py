@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sae.core import io
 from sae.core.architectures.base import SAE
+from sae.core.architectures.transcoder import is_transcoder
 from sae.core.config import OptionError, option
 from sae.core.metrics import batch_metrics, evaluate
 from sae.core.optim import make_optimizer, optimizer_step
@@ -200,11 +201,12 @@ def data_metadata(store, metadata: dict | None) -> dict:
     return {**found, **(metadata or {})}
 
 
-def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
+def train_loop(model: SAE, data, *, target: str | None = None, callback: Callable[[int, dict], None] | None = None,
                metadata: dict | None = None, make_monitor: Callable | None = None, **options) -> TrainResult:
     """The plain loop: train `model` on `data` (a (N, d_in) tensor, a cache directory, or a reader
     with next_batch/state_dict such as a model stream) with the TrainConfig `options`. Most users
-    call sae.train, which picks a recipe and ends up here.
+    call sae.train, which picks a recipe and ends up here. A transcoder reads the options' hook and
+    reconstructs the hook `target` of the same data, or takes in-memory data as a pair (x, y).
 
     `callback(step, logs)` runs after every optimizer step. `metadata` (model_name, hook_name, ...)
     is written into the saved dictionary's cfg.json; for a cache it defaults to the cache's own.
@@ -213,7 +215,14 @@ def train_loop(model: SAE, data, *, callback: Callable[[int, dict], None] | None
     current step and raise TrainingStopped.
     """
     cfg = make_config(options)
-    results = train_members({SINGLE: model}, data, cfg, hooks={SINGLE: cfg.hook}, callback=callback,
+    hook = cfg.hook
+    if isinstance(data, tuple):  # a transcoder's in-memory (x, y): two named tensors of one reader
+        if len(data) != 2:
+            raise ValueError(f"data as a tuple is a transcoder's (x, y) pair, got {len(data)} items")
+        hook, target = hook or "input", target or "target"
+        data = {hook: data[0], target: data[1]}
+    results = train_members({SINGLE: model}, data, cfg, hooks={SINGLE: hook},
+                            targets={SINGLE: target} if target is not None else None, callback=callback,
                             metadata=metadata, make_monitor=make_monitor)
     return results[SINGLE]
 
@@ -298,6 +307,11 @@ def open_readers(data, cfg: TrainConfig, hooks: set) -> dict:
     on different hooks see the same tokens and members on one hook share its batches."""
     if hasattr(data, "readers"):  # a source that reads several hooks itself (a model stream)
         return data.readers(sorted(hooks, key=str), batch_size=cfg.batch_size, seed=cfg.seed)
+    if isinstance(data, dict):  # in-memory tensors by hook name (a transcoder's input and target)
+        missing = sorted(set(hooks) - set(data))
+        if missing:
+            raise ValueError(f"data has no tensor for hook {', '.join(map(repr, missing))} (it holds {', '.join(data)})")
+        return {hook: make_store(data[hook], batch_size=cfg.batch_size, seed=cfg.seed) for hook in hooks}
     return {hook: make_store(data, batch_size=cfg.batch_size, seed=cfg.seed, hook=hook or None) for hook in hooks}
 
 
@@ -306,24 +320,42 @@ def make_member(name, model, readers, cfg, hook, target, metadata, device) -> Me
     if reader.d_in != model.d_in:
         raise ValueError(f"data has d_in={reader.d_in} but the SAE{f' {name}' if name else ''} "
                          f"expects d_in={model.d_in}")
-    if target is not None and readers[target].d_in != model.d_out:
-        raise ValueError(f"target hook {target} has d={readers[target].d_in} but {name} outputs {model.d_out}")
+    if target is not None:
+        check_target(name, model, (hook, reader), (target, readers[target]))
+    elif is_transcoder(model):
+        raise ValueError(f"the transcoder{f' {name}' if name else ''} needs a target hook to reconstruct "
+                         "(target= / targets=, or data as a pair (x, y))")
     model.to(device).train()
     optimizer = make_optimizer(model, cfg, device)
     folder = (Path(cfg.run_dir) / name if name else Path(cfg.run_dir)) if cfg.run_dir else None
     meta = data_metadata(reader, metadata)
-    if target is not None:
-        meta["hook_name_out"] = readers[target].hook
+    if target is not None and hasattr(readers[target], "hook"):  # a cache's or a stream's (tensors: no name)
+        meta.setdefault("hook_name_out", readers[target].hook)
     return Member(name, model, optimizer, hook, target, folder, meta)
+
+
+def check_target(name: str, model: SAE, source: tuple, target: tuple):
+    """A transcoder's two (hook, reader)s: the target as wide as its output, and the same tokens
+    (row for row: the readers share one order, which pairs rows only when both hold the same rows)."""
+    (hook, reader), (target_hook, target_reader) = source, target
+    where = f"the transcoder {name}" if name else "the transcoder"
+    if not is_transcoder(model):
+        raise ValueError(f"a target hook ({target_hook}) is for transcoders; {name or 'this'} is a "
+                         f"{model.architecture} SAE, which reconstructs its own input")
+    if target_reader.d_in != model.d_out:
+        raise ValueError(f"target hook {target_hook} has d={target_reader.d_in} but {where} outputs d_out={model.d_out}")
+    if reader.n_rows != target_reader.n_rows:
+        raise ValueError(f"{where}: input hook {hook} holds {reader.n_rows} tokens but target hook {target_hook} "
+                         f"holds {target_reader.n_rows}; its two hooks must hold the same tokens")
 
 
 def run_record(members: list[Member], cfg: TrainConfig, data) -> dict:
     """What a resumed run must match: the options, and per dictionary its architecture, options
     and data. A one-dictionary run keeps the flat layout every run had before sets existed."""
     def member_record(m: Member) -> dict:
-        data_record = describe_data(data, m.hook if m.name else cfg.hook)
+        data_record = describe_data(data, m.hook)  # a single run's is cfg.hook (or a pair's "input")
         if m.target is not None:
-            data_record["target"] = m.target
+            data_record["target"] = describe_data(data, m.target) if isinstance(data, dict) else m.target
         return {"architecture": m.model.architecture, "model": m.model.config_dict(), "data": data_record}
 
     if len(members) == 1 and members[0].name == SINGLE:
@@ -337,9 +369,10 @@ def restore(run: RunDir, checkpoint: Path, members: list[Member], readers: dict,
     loops = saved["members"] if "members" in saved else {SINGLE: saved["loop"]}
     for m in members:
         m.state = LoopState(**loops[m.name])
-    stores = saved["store"] if "members" in saved else {members[0].hook: saved["store"]}
+    keyed = "members" in saved or len(readers) > 1  # one reader (one plain dictionary): the flat layout
+    stores = saved["store"] if keyed else {str(members[0].hook): saved["store"]}
     for hook, reader in readers.items():
-        reader.load_state_dict(stores[str(hook)] if "members" in saved else stores[hook])
+        reader.load_state_dict(stores[str(hook)])
     torch.set_rng_state(extras["cpu_rng"])
     if device.type == "cuda" and "cuda_rng" in extras:
         torch.cuda.set_rng_state(extras["cuda_rng"])
@@ -427,7 +460,8 @@ def train_step(m: Member, batch: dict, cfg: TrainConfig, use_bf16: bool, tokens_
     if cfg.target_l0 > 0:
         steer_l0(model, state, out.code.l0().item(), cfg)
     state.step += 1
-    splice_logs = m.monitor(model, state.step, scale=state.scale) if m.monitor else {}
+    scale = state.scale if m.target is None else (state.scale, state.target_scale)
+    splice_logs = m.monitor(model, state.step, scale=scale) if m.monitor else {}
     if state.step % cfg.log_every == 0 or state.step == cfg.steps or splice_logs:
         m.logs = log_step(m, x if target is None else target, out, losses, loss, tokens_seen, splice_logs)
         return True
@@ -462,7 +496,8 @@ def show_progress(bar, members: list[Member]):
 
 def save_checkpoint(run: RunDir, members: list[Member], readers: dict, cfg: TrainConfig):
     if len(members) == 1 and members[0].name == SINGLE:  # the flat layout of one-dictionary runs
-        saved = {"loop": asdict(members[0].state), "store": next(iter(readers.values())).state_dict()}
+        stores = {str(hook): reader.state_dict() for hook, reader in readers.items()}  # a transcoder's: two
+        saved = {"loop": asdict(members[0].state), "store": next(iter(stores.values())) if len(stores) == 1 else stores}
     else:  # floats round-trip exactly in JSON
         saved = {"members": {m.name: asdict(m.state) for m in members},
                  "store": {str(hook): reader.state_dict() for hook, reader in readers.items()}}
@@ -543,7 +578,10 @@ def initialise(model: SAE, store, cfg: TrainConfig, device, target_store=None) -
     scale, target_scale = activation_scale(x, cfg), activation_scale(y, cfg) if y is not None else 1.0
     if cfg.start == "continue":  # trained weights work on raw x: bring them into training units
         if model.cfg.normalize_decoder:  # rows were unit-norm at the scale it was trained at: reuse it
-            scale = target_scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
+            target_scale = 1 / model.decoder_rows().norm(dim=1).mean().item()
+            # a transcoder's decoder writes the target: its input keeps the data's scale (any scale
+            # folds exactly: codes do not change)
+            scale = scale if y is not None else target_scale
         if y is None:
             model.fold_activation_scale_(1 / scale)
         else:

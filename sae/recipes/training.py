@@ -16,18 +16,21 @@ from sae.lm.splice import splice_monitor
 from sae.recipes.binding import train_binding
 
 
-def train(model: SAE, data, *, callback: Callable[[int, dict], None] | None = None,
+def train(model: SAE, data, *, target: str | None = None, callback: Callable[[int, dict], None] | None = None,
           metadata: dict | None = None, **options) -> TrainResult:
     """Train `model` on `data` (a (N, d_in) tensor or an activation-cache directory). Options are
     TrainConfig fields; `callback(step, logs)` runs after every optimizer step; `metadata`
     (model_name, hook_name, ...) goes into the saved dictionary's cfg.json (for a cache it defaults
-    to the cache's own). With a run_dir, SIGTERM/SIGINT checkpoint and raise TrainingStopped."""
+    to the cache's own). With a run_dir, SIGTERM/SIGINT checkpoint and raise TrainingStopped.
+    A transcoder reads the `hook` option and reconstructs the hook `target` of the same cache or
+    stream; in-memory, its data is the pair (x, y)."""
     cfg = make_config(options)
     make_monitor = splice_monitor(cfg.splice_every, cfg.splice_sequences) if cfg.splice_every else None
     if uses_binding_recipe(model, cfg.binding_recipe):
         return train_binding(model, data, callback=callback, metadata=metadata, make_monitor=make_monitor,
                              **asdict(cfg))
-    return train_loop(model, data, callback=callback, metadata=metadata, make_monitor=make_monitor, **options)
+    return train_loop(model, data, target=target, callback=callback, metadata=metadata, make_monitor=make_monitor,
+                      **options)
 
 
 def train_many(models: dict[str, SAE], data, *, hooks: dict[str, str] | None = None,
