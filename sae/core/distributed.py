@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,9 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_GROUP: list[Group] = []  # this process's group, once joined (its comm_seconds add up over a job)
+
+
 def init(device: str = "auto") -> Group:
     """Join the job's process group (NCCL when training on CUDA, else gloo); idempotent."""
     if not dist.is_initialized():
@@ -81,7 +85,9 @@ def init(device: str = "auto") -> Group:
         if cuda:  # one GPU per process: torchrun's LOCAL_RANK picks it
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-    return Group(dist.get_rank(), dist.get_world_size())
+    if not _GROUP:
+        _GROUP.append(Group(dist.get_rank(), dist.get_world_size()))
+    return _GROUP[0]
 
 
 def agree(group: Group, make, what: str):
@@ -103,7 +109,7 @@ def agree(group: Group, make, what: str):
 
 def is_peer_failure(e: BaseException) -> bool:
     """Whether an exception from a collective means a peer died or hung (gloo and NCCL words)."""
-    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistNetworkError", ())):
+    if isinstance(e, (getattr(dist, "DistBackendError", ()), getattr(dist, "DistNetworkError", ()))):
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(
@@ -192,7 +198,7 @@ def batch_topk_global(rule: BatchTopK, sae: SAE, x: torch.Tensor, group: Group) 
         cut = every.topk(min(B * rule.k, every.numel()), sorted=False).values.min()
         keep = values.detach() >= cut
         row_min, at = values.detach().min(dim=1, keepdim=True)
-        short = torch.tensor([int(cap < n and bool((keep.gather(1, at) & (row_min > 0)).any()))])
+        short = torch.tensor([int(cap < n and bool((keep.gather(1, at) & (row_min > 0)).any()))], device=x.device)
         if not group.all_reduce(short, dist.ReduceOp.MAX).item():
             break
         cap = min(n, 2 * cap)
@@ -238,6 +244,8 @@ def train(models: dict[str, SAE], data, *, parallel: str = "data", hooks: dict |
     if options.get("binding_recipe", "rebind") == "rebind" and any(
             m.architecture == "binding" and getattr(m.cfg, "slot_transform", "") != "identity" for m in models.values()):
         raise OptionError("binding_recipe", "rebind trains in phases, not in step across ranks: pass plain")
+    if options.get("splice_every"):  # its log lines would come on rank 0 only, and logs hold collectives
+        raise OptionError("splice_every", "is not available under torchrun yet: evaluate the saved dictionary")
     group = init(options.get("device", "auto"))
     # Every rank must write into the same folder (a default name from the clock can differ by a second).
     options["run_dir"] = agree(group, lambda: options.get("run_dir", ""), "name the run folder")
@@ -270,10 +278,10 @@ def train_data_parallel(models, data, cfg: TrainConfig, group: Group, *, hooks, 
         for m in members:
             if group.rank:  # rank 0 alone writes logs, checkpoints and dictionaries
                 m.folder = None
-            m.monitor = make_monitor(m.metadata, device) if cfg.splice_every and group.rank == 0 else None
             m.wandb_run = trainer.start_wandb(cfg, record, m, run) if cfg.wandb and group.rank == 0 else None
         with trainer.StopSignals(enabled=bool(cfg.run_dir)) as stop:
-            data_parallel_steps(members, readers, cfg, device, run, callback, stop, group)
+            data_parallel_steps(members, readers, cfg, device, lambda: save_all(run, members, readers, cfg, group),
+                                callback, stop, group)
         # Every rank finishes (the same rows, the same weights): results agree everywhere.
         return {m.name: trainer.finish(m, whole, cfg, device) for m in members}
     finally:
@@ -321,7 +329,8 @@ def save_all(run, members, readers: dict, cfg: TrainConfig, group: Group):
         trainer.save_checkpoint(WithRanks(run, positions), members, readers, cfg)
 
 
-def data_parallel_steps(members, readers, cfg: TrainConfig, device, run, callback, stop, group: Group):
+def data_parallel_steps(members, readers, cfg: TrainConfig, device, save, callback, stop, group: Group):
+    """The step loop of the data and latents modes; `save()` writes a checkpoint (every rank calls it)."""
     use_bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device.type == "cuda")
     at = members[0].state.step
     bar = tqdm(total=cfg.steps, initial=at, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -339,7 +348,7 @@ def data_parallel_steps(members, readers, cfg: TrainConfig, device, run, callbac
             signum = int(group.all_reduce(torch.tensor([stop.signum or 0], device=device), dist.ReduceOp.MAX).item())
             every = cfg.checkpoint_every and (at + 1) % cfg.checkpoint_every == 0
             if cfg.run_dir and (signum or at + 1 == cfg.steps or every):
-                save_all(run, members, readers, cfg, group)
+                save()
             if callback is not None:
                 callback(at + 1, members[0].logs if len(members) == 1 else {m.name: m.logs for m in members})
             if signum:
@@ -356,7 +365,9 @@ def peer_lost_line(group: Group, step: int, cfg: TrainConfig, e: BaseException) 
     last = RunDir(cfg.run_dir).latest_checkpoint() if cfg.run_dir else None
     kept = (f"the checkpoint at step {checkpoint_step(last)} in {cfg.run_dir} is kept: rerun the same command "
             "with --resume") if last is not None else "no checkpoint was written yet"
-    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    # gloo's words without its source location: "[.../pair.cc:553] Connection closed by peer ..."
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    reason = reason.split(". ")[0][:120]
     return f"rank {group.rank} of {group.world} lost a peer at step {step} ({reason}); the job stops; {kept}"
 
 
@@ -393,36 +404,83 @@ def train_spread(models, data, cfg: TrainConfig, group: Group, *, hooks, targets
 # ---- latent-sharded dictionaries -------------------------------------------------------------
 def train_latent_sharded(models, data, cfg: TrainConfig, group: Group, *, hooks, targets, callback, metadata,
                          make_monitor) -> dict[str, TrainResult]:
-    """Each rank trains its n/R latents of every dictionary on the whole batch (sae.core.sharded);
-    at the end the shards are gathered into `models` and rank 0 measures and saves them. No
-    checkpoints in this mode yet: a run stopped early starts again."""
+    """Each rank trains its n/R latents of every dictionary on the whole batch (sae.core.sharded).
+    Checkpoints hold the whole dictionaries and Adam states, gathered on the way (the format of a
+    single-process run: either continues the other); at the end the shards are gathered into
+    `models`, which every rank measures and rank 0 saves."""
     if targets:
         raise OptionError("parallel", "latents does not shard transcoders")
-    if cfg.resume:
-        raise OptionError("resume", "parallel=latents keeps no checkpoints yet: start the run again")
     device = trainer.pick_device(cfg.device)
     readers = trainer.open_readers(data, cfg, set(hooks.values()))  # every rank reads the whole batch
-    quiet = trainer.make_config({**asdict(cfg), "run_dir": ""})  # the shards' loop writes nothing
+    folders = {name: (Path(cfg.run_dir) / name if name else Path(cfg.run_dir)) if cfg.run_dir else None for name in models}
     members = []
     for name, full in models.items():  # `full` stays where it is (the CPU): only shards reach the device
         broadcast_model(full, device)
-        shard = sharded.ShardedSAE(full, group)
-        members.append(trainer.make_member(name, shard, readers, quiet, hooks[name], None, metadata, device))
-    folders = {name: (Path(cfg.run_dir) / name if name else Path(cfg.run_dir)) if cfg.run_dir else None for name in models}
+        members.append(trainer.make_member(name, sharded.shard(full, group), readers, cfg, hooks[name], None,
+                                           metadata, device))
+        members[-1].folder = folders[name] if group.rank == 0 else None  # rank 0 logs
     record = trainer.run_record([trainer.Member(name, models[name], None, hooks[name], None, folders[name], {})
                                  for name in models], cfg, data)
     run = RunDir(cfg.run_dir, list(folders.values())) if cfg.run_dir and group.rank == 0 else None
-    agree(group, lambda: run.open(record, False) if run is not None else None, "open the run folder")
+    checkpoint = agree(group, lambda: run.open(record, cfg.resume) if run is not None else None, "open the run folder")
     try:
-        torch.manual_seed(cfg.seed)
-        for m in members:
-            m.state = LoopState(*trainer.initialise(m.model, readers[m.hook], cfg, device))
-        with trainer.StopSignals(enabled=False) as stop:
-            data_parallel_steps(members, readers, quiet, device, None, callback, stop, group)
+        if checkpoint is not None:
+            restore_sharded(run, checkpoint, members, models, readers, device)
+        else:
+            torch.manual_seed(cfg.seed)
+            for m in members:
+                m.state = LoopState(*trainer.initialise(m.model, readers[m.hook], cfg, device))
+        with trainer.StopSignals(enabled=bool(cfg.run_dir)) as stop:
+            data_parallel_steps(members, readers, cfg, device,
+                                lambda: save_all(run, gathered(members, models, group), readers, cfg, group),
+                                callback, stop, group)
         return {m.name: finish_sharded(m, models[m.name], readers, cfg, device, group, metadata) for m in members}
     finally:
         if run is not None:
             run.close()
+
+
+class OptimizerState:
+    """Stands in for an optimizer where a checkpoint reads (state_dict) or fills (load_state_dict)
+    the whole dictionary's Adam state, which no optimizer in this job holds."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict):
+        self.state = state
+
+
+def gathered(members, models: dict, group: Group) -> list:
+    """Members holding the whole dictionaries (gathered into `models`) and their Adam states."""
+    out = []
+    for m in members:
+        m.model.gather_into(models[m.name])
+        names = [n for n, _ in m.model.named_parameters()]
+        saved = m.optimizer.state_dict()
+        state = {i: {key: m.model.gather_tensor(names[i], v) for key, v in per.items()}
+                 for i, per in saved["state"].items()}
+        out.append(trainer.Member(m.name, models[m.name], OptimizerState({"state": state, "param_groups": saved["param_groups"]}),
+                                  m.hook, None, m.folder, m.metadata, m.state))
+    return out
+
+
+def restore_sharded(run, checkpoint, members, models: dict, readers, device):
+    """A checkpoint of whole dictionaries (this mode's or a single process's) into the shards."""
+    # (Ranks other than 0 keep no log; NoLog ignores the folder trainer.restore names.)
+    fulls = [trainer.Member(m.name, models[m.name], OptimizerState(), m.hook, None, m.folder or Path("."), m.metadata)
+             for m in members]
+    trainer.restore(run if run is not None else NoLog(), checkpoint, fulls, readers, device)
+    for m, full in zip(members, fulls):
+        m.model.take_from(full.model)
+        m.state = full.state
+        names = [n for n, _ in m.model.named_parameters()]
+        state = {i: {key: m.model.slice_tensor(names[i], v) for key, v in per.items()}
+                 for i, per in full.optimizer.state["state"].items()}
+        m.optimizer.load_state_dict({"state": state, "param_groups": full.optimizer.state["param_groups"]})
 
 
 def finish_sharded(m, full: SAE, readers, cfg: TrainConfig, device, group: Group, metadata) -> TrainResult:

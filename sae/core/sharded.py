@@ -26,6 +26,8 @@ from torch import Tensor
 from sae.core import kernels
 from sae.core.architectures.base import SAE, Code
 from sae.core.architectures.batchtopk import BatchTopK
+from sae.core.architectures.binding import BindingSAE
+from sae.core.architectures.sparsity import Sparsity
 from sae.core.architectures.topk import TopK
 from sae.core.config import OptionError
 
@@ -149,47 +151,122 @@ class ShardedBatchTopK(BatchTopK):
 SHARDED_RULES = {TopK: ShardedTopK, BatchTopK: ShardedBatchTopK}
 
 
-class ShardedSAE(SAE):
+class Shard:
+    """What a shard adds to its architecture: which of the whole dictionary's latents it holds
+    (`columns`: every slot's block of them, for a binding SAE), a decode that sums the shards'
+    partial decodes, and cutting / gathering tensors between the shard and the whole."""
+
+    rows_name = "W_dec"  # the parameter whose rows are this shard's atoms
+
+    def setup_shard(self, full: SAE, group):
+        self.architecture = full.architecture  # run records name what the shards make up
+        n_local = self.n_latents
+        self.group, self.lo, self.hi = group, group.rank * n_local, (group.rank + 1) * n_local
+        blocks = full.n_total // full.n_latents  # slots (1 for a flat dictionary)
+        self.columns = torch.cat([b * full.n_latents + torch.arange(self.lo, self.hi) for b in range(blocks)])
+        self.take_from(full)
+
+    def cut(self, name: str):
+        """(dimension, whole-dictionary ids) of this shard's part of tensor `name`; None: whole."""
+        if name in ("W_enc", "b_enc", "tokens_since_fired"):
+            return (1 if name == "W_enc" else 0), self.columns
+        if name == self.rows_name:
+            return 0, torch.arange(self.lo, self.hi)
+        return None
+
+    def slice_tensor(self, name: str, t: Tensor) -> Tensor:
+        cut = self.cut(name)
+        if cut is None or not torch.is_tensor(t) or t.dim() == 0:
+            return t
+        return t.index_select(cut[0], cut[1].to(t.device))
+
+    def gather_tensor(self, name: str, t: Tensor) -> Tensor:
+        """The whole tensor from every shard's part (every rank gets it)."""
+        cut = self.cut(name)
+        if cut is None or not torch.is_tensor(t) or t.dim() == 0:
+            return t
+        dim, ids = cut
+        parts = self.group.all_gather(t.movedim(dim, 0).contiguous())
+        where = self.group.all_gather(ids.to(t.device))
+        out = torch.empty_like(parts)
+        out[where] = parts
+        return out.movedim(0, dim)
+
+    @torch.no_grad()
+    def take_from(self, full: SAE):
+        """This shard's part of `full`'s weights and buffers."""
+        whole = full.state_dict()
+        for name, t in self.state_dict().items():
+            t.copy_(self.slice_tensor(name, whole[name]))
+
+    @torch.no_grad()
+    def gather_into(self, full: SAE):
+        """Every shard's weights and buffers into `full` (every rank ends with the whole dictionary)."""
+        whole = full.state_dict()
+        for name, t in self.state_dict().items():
+            whole[name].copy_(self.gather_tensor(name, t))
+
+    def decode_code(self, code: Code) -> Tensor:
+        part = self.decode_sparse(code.values, code.indices) if code.is_sparse else self.decode_dense(code.values)
+        return AllReduceSum.apply(part, self.group) + self.b_dec
+
+
+def shard_options(full: SAE, group) -> tuple[Sparsity, dict]:
+    """The sharded rule and the SAE options of `full`'s shard; refuses what cannot be sharded."""
+    rule = SHARDED_RULES.get(type(full.sparsity))
+    if rule is None:
+        raise OptionError("parallel", f"latents shards topk and batchtopk rules, not {full.sparsity.name}")
+    if full.n_latents % group.world:
+        raise OptionError("n_latents", f"must be a multiple of the {group.world} ranks to shard it, got {full.n_latents}")
+    if full.cfg.k > full.n_latents // group.world:
+        raise OptionError("k", f"must be <= n_latents / ranks = {full.n_latents // group.world} to shard it, "
+                          f"got {full.cfg.k}")
+    if getattr(full.cfg, "slot_group_sizes", None):
+        raise OptionError("parallel", "latents cannot shard slot_group_sizes (prefixes of the whole dictionary)")
+    options = {f.name: getattr(full.cfg, f.name) for f in fields(full.cfg)
+               if f.name not in ("d_in", "n_latents", "rule", "sparsity")}
+    return rule(**{f.name: getattr(full.sparsity, f.name) for f in fields(full.sparsity)}), options
+
+
+class ShardedSAE(Shard, SAE):
     """This rank's n/R latents of a flat TopK or BatchTopK dictionary `full` (not registered as
     an architecture: it exists only inside a job; gather_into puts the result back into `full`)."""
 
     rules = {"topk": ShardedTopK, "batchtopk": ShardedBatchTopK}
 
     def __init__(self, full: SAE, group):
-        rule = SHARDED_RULES.get(type(full.sparsity))
-        if rule is None or full.flat_decoder() is not full.W_dec:
-            raise OptionError("parallel", f"latents shards flat topk and batchtopk dictionaries, not {full.architecture}")
-        if full.n_latents % group.world:
-            raise OptionError("n_latents", f"must be a multiple of the {group.world} ranks to shard it, got {full.n_latents}")
-        n_local = full.n_latents // group.world
-        if full.cfg.k > n_local:
-            raise OptionError("k", f"must be <= n_latents / ranks = {n_local} to shard it, got {full.cfg.k}")
-        options = {f.name: getattr(full.cfg, f.name) for f in fields(full.cfg) if f.name not in ("d_in", "n_latents", "rule")}
-        rule_options = {f.name: getattr(full.sparsity, f.name) for f in fields(full.sparsity)}
-        super().__init__(full.d_in, n_local, sparsity=rule(**rule_options), **options)
-        self.architecture = full.architecture  # run records name what the shards make up
-        self.group, self.lo, self.hi = group, group.rank * n_local, (group.rank + 1) * n_local
-        with torch.no_grad():
-            self.W_enc.copy_(full.W_enc[:, self.lo:self.hi])
-            self.b_enc.copy_(full.b_enc[self.lo:self.hi])
-            self.W_dec.copy_(full.W_dec[self.lo:self.hi])
-            self.b_dec.copy_(full.b_dec)
-            self.tokens_since_fired.copy_(full.tokens_since_fired[self.lo:self.hi])
-            if hasattr(full, "threshold"):
-                self.threshold.copy_(full.threshold)
+        rule, options = shard_options(full, group)
+        super().__init__(full.d_in, full.n_latents // group.world, sparsity=rule, **options)
+        self.setup_shard(full, group)
 
-    def decode_code(self, code: Code) -> Tensor:
-        part = self.decode_sparse(code.values, code.indices) if code.is_sparse else self.decode_dense(code.values)
-        return AllReduceSum.apply(part, self.group) + self.b_dec
 
-    @torch.no_grad()
-    def gather_into(self, full: SAE):
-        """Every shard's weights and buffers into `full` (every rank ends with the whole dictionary)."""
-        g = self.group
-        full.W_enc.copy_(g.all_gather(self.W_enc.t().contiguous()).t())
-        full.b_enc.copy_(g.all_gather(self.b_enc.detach()))
-        full.W_dec.copy_(g.all_gather(self.W_dec.detach()))
-        full.b_dec.copy_(self.b_dec)
-        full.tokens_since_fired.copy_(g.all_gather(self.tokens_since_fired))
-        if hasattr(full, "threshold"):
-            full.threshold.copy_(self.threshold)
+class ShardedBindingSAE(Shard, BindingSAE):
+    """This rank's n/R atoms of a binding SAE's D, with their encoder columns in every slot; the
+    slot transforms M_s are whole on every rank. Each rank's partial decode sum_s (z_s D_r) M_s^T
+    uses M, so M's gradient is summed over ranks."""
+
+    rules = {"topk": ShardedTopK, "batchtopk": ShardedBatchTopK}
+    rows_name = "dictionary"
+
+    def __init__(self, full: SAE, group):
+        rule, options = shard_options(full, group)
+        super().__init__(full.d_in, full.n_latents // group.world, sparsity=rule, **options)
+        self.setup_shard(full, group)
+
+    def free_transforms(self) -> Tensor:
+        if self.cfg.slot_transform == "identity" or "group" not in self.__dict__:  # (construction: not yet a shard)
+            return super().free_transforms()
+        param = SumGrads.apply(self.transform_param, self.group)
+        if self.cfg.slot_transform == "full":
+            return param
+        skew = param - param.transpose(1, 2)
+        return self.transform_base @ torch.linalg.matrix_exp(skew.float()).to(param.dtype)
+
+
+def shard(full: SAE, group) -> SAE:
+    """This rank's shard of `full` (a flat TopK/BatchTopK dictionary or a binding SAE)."""
+    if isinstance(full, BindingSAE):
+        return ShardedBindingSAE(full, group)
+    if full.flat_decoder() is not full.W_dec:
+        raise OptionError("parallel", f"latents shards flat and binding dictionaries, not {full.architecture}")
+    return ShardedSAE(full, group)
