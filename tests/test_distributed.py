@@ -1,6 +1,7 @@
 """Scale-out under torchrun (gloo, 2 processes, tiny sizes): every mode against its single-process
 equal, a job killed with SIGKILL resumes bit-identically, one rank killed stops the job with one
-clear line and the run resumes from its last checkpoint. Each job is distributed_worker.py."""
+clear line and the run resumes from its last checkpoint, SIGTERM to one rank stops both at one
+step. Each job is distributed_worker.py."""
 import os
 import shutil
 import signal
@@ -170,3 +171,18 @@ def test_latent_shards_checkpoint_whole_dictionaries_and_resume_after_a_rank_die
     # The checkpoint holds whole dictionaries (n = 64 rows), not a shard's.
     with safe_open(str(run / "checkpoints" / "step_000000024" / "tensors.safetensors"), "pt") as f:
         assert f.get_slice("topk/model.W_dec").get_shape() == [64, 16]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, straight):
+    proc = worker("data", "one", tmp_path / "out", tmp_path / "run", *LONG, wait=False)
+    wait_for(tmp_path / "run" / "checkpoints" / "step_000000040" / "trainer.json", proc)
+    os.kill(int((tmp_path / "out" / "pid.rank1").read_text()), signal.SIGTERM)  # a pre-emption reaching one rank
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in stderr.splitlines() if "TrainingStopped: stopped by SIGTERM" in line]
+    assert len(lines) == 2 and len({line.split("TrainingStopped: ")[1] for line in lines}) == 1  # both, one step
+    step = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step_{step:09d}" / "trainer.json").is_file()
+    result = worker("data", "one", tmp_path / "out", tmp_path / "run", *LONG, "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    same_as_straight(straight, tmp_path / "out", tmp_path / "run")
