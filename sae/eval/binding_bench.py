@@ -5,8 +5,10 @@ sparsity, on matrix-bound worlds and on the controls that are not (binding.md §
     python -m sae.eval.binding_bench --worlds ref,under --seeds 0,1,2,3,4 --steps 8000
     python -m sae.eval.binding_bench --list                   # the named worlds
 
-All models go through `sae.train` with the same budget: the standard TopK SAE, the binding SAE with
-the defaults (the bind/split/match/rebind recipe of sae/rebind.py), and the same binding SAE trained
+All models go through `sae.train` with the same budget (n_latents per slot = --latents-per-dim × d,
+a size a user would pick, never the world's atom count; every other option at its default): the standard TopK SAE, the binding SAE with
+the defaults (the standard/find/rebind recipe of sae/recipes/binding.py; where it finds no map
+the result it returns is the standard SAE, scored as one), and the same binding SAE trained
 plainly (binding_recipe="plain": one run from the identity init) to show what the recipe adds.
 Per world: mean ± std over seeds of
 
@@ -33,6 +35,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 
 import torch
@@ -65,31 +68,39 @@ WORLDS = {
 }
 DEFAULT_WORLDS = "ref,bag,slot_id,under"
 N_TEST = 4096  # test samples per (world, seed)
+LATENTS_PER_DIM = 4  # n_latents per slot = this × d
+MODELS = ("standard", "binding", "binding_plain")
 
 
 def run_one(world_name: str, seed: int, steps: int, n_train: int, batch_size: int, lr: float,
-            save_dir: str = "") -> dict:
+            save_dir: str = "", latents_per_dim: int = LATENTS_PER_DIM, models: tuple = MODELS) -> dict:
     overrides, k = WORLDS[world_name]
     world = make_world(replace(WorldConfig(seed=seed), **overrides))
     x = world.sample(n_train, seed=seed).x
-    n, S, d = world.n_atoms, world.n_slots, world.cfg.d
-    # AuxK revives latents silent for 200 steps (the default window is sized for real models)
-    common = dict(dead_tokens=200 * batch_size)
+    S, d = world.n_slots, world.cfg.d
+    # the dictionary size a user would pick: a multiple of d (never the world's atom count), and
+    # every other option at its default
+    n = latents_per_dim * d
     train = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_tokens=4 * batch_size)
-    out = {"world": world_name, "seed": seed, "n_atoms": n, "d": d, "slots": S, "k": k}
-    for name, make, recipe in (("standard", lambda: sae.TopKSAE(d, S * n, k=k, **common), {}),
-                               ("binding", lambda: sae.BindingSAE(d, n, n_slots=S, k=k, **common), {}),
-                               ("binding_plain", lambda: sae.BindingSAE(d, n, n_slots=S, k=k, **common),
+    out = {"world": world_name, "seed": seed, "n_atoms": world.n_atoms, "n_latents": n, "d": d, "slots": S, "k": k}
+    for name, make, recipe in (("standard", lambda: sae.TopKSAE(d, S * n, k=k), {}),
+                               ("binding", lambda: sae.BindingSAE(d, n, n_slots=S, k=k), {}),
+                               ("binding_plain", lambda: sae.BindingSAE(d, n, n_slots=S, k=k),
                                 {"binding_recipe": "plain"})):
+        if name not in models:
+            continue
         t0 = time.time()
         torch.manual_seed(seed)
-        model = make()
-        result = sae.train(model, x, **train, **recipe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the recipe's fallback warning: recorded in its metrics
+            result = sae.train(make(), x, **train, **recipe)
+        model = result.model  # where the recipe found no map, the standard SAE it fell back to
         if save_dir:  # so later analyses (e.g. a new echo detector) need not retrain
             model.save(os.path.join(save_dir, world_name, str(seed), name))
         scores = score(model, world, seed)
         scores["time_s"] = time.time() - t0
-        for key in ("rebind_pairs", "rebind_fallback", "tie_cost", "slot_usage"):
+        scores["architecture"] = model.architecture
+        for key in ("rebind_pairs", "rebind_fallback", "rebind_rejected", "tie_cost", "tie_cost_start", "slot_usage"):
             if key in result.metrics:
                 scores[key] = result.metrics[key]
         out[name] = scores
@@ -151,6 +162,8 @@ def summarise(records: list[dict]) -> dict:
     for r in records:
         for model in MODELS:
             for key, v in r.get(model, {}).items():
+                if isinstance(v, str):
+                    continue
                 out.setdefault(r["world"], {}).setdefault(model, {}).setdefault(key, []).append(v)
     for world in out.values():
         for model in world.values():
@@ -160,7 +173,6 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
-MODELS = ("standard", "binding", "binding_plain")
 COLUMNS = ("fvu", "eff_mmcs", "dict_mmcs", "transfer_seen", "transfer_ho", "slot_acc", "exact", "swap",
            "ho_slot", "ho_coverage", "echo_share", "rebind_pairs", "tie_cost", "slot_usage")
 
@@ -192,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=65536, help="training samples drawn from each world")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--latents-per-dim", type=int, default=LATENTS_PER_DIM,
+                   help=f"n_latents per slot = this × d (default {LATENTS_PER_DIM}); the standard SAE gets n_slots times that")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--out", default="binding_bench.json")
     p.add_argument("--save", default="", help="directory to save every trained SAE in (world/seed/model)")
     p.add_argument("--rescore-echo", action="store_true",
@@ -203,6 +218,10 @@ def main(argv=None) -> int:
             print(f"{name:16s} k={k}  {overrides}")
         return 0
     worlds = args.worlds.split(",")
+    models = tuple(m for m in MODELS if m in args.models.split(","))
+    if not models or set(args.models.split(",")) - set(MODELS):
+        print(f"error: --models must name some of {','.join(MODELS)}, got {args.models!r}", file=sys.stderr)
+        return 2
     unknown = [w for w in worlds if w not in WORLDS]
     if unknown:
         print(f"error: unknown world {unknown[0]!r}; --list shows the names", file=sys.stderr)
@@ -218,14 +237,14 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             previous = json.load(f)
-        same = ("steps", "n_train", "batch_size", "lr")
-        if any(previous["config"][key] != getattr(args, key) for key in same):
-            print(f"error: {args.out} holds runs with other --steps/--n-train/--batch-size/--lr; "
+        same = ("steps", "n_train", "batch_size", "lr", "latents_per_dim")
+        if any(previous["config"].get(key, LATENTS_PER_DIM) != getattr(args, key) for key in same):
+            print(f"error: {args.out} holds runs with other --steps/--n-train/--batch-size/--lr/--latents-per-dim; "
                   "choose another --out", file=sys.stderr)
             return 2
         # runs from before a model was added to MODELS are redone
         records = [r for r in previous["runs"] if r["world"] in worlds and r["seed"] in seeds
-                   and all(m in r for m in MODELS)]
+                   and all(m in r for m in models)]
     if args.rescore_echo:  # e.g. after a change to the echo detector
         if not args.save:
             print("error: --rescore-echo needs --save, the directory the runs' SAEs were saved in", file=sys.stderr)
@@ -244,12 +263,15 @@ def main(argv=None) -> int:
         for world in worlds:
             if (world, seed) in done:
                 continue
-            records.append(run_one(world, seed, args.steps, args.n_train, args.batch_size, args.lr, args.save))
+            records.append(run_one(world, seed, args.steps, args.n_train, args.batch_size, args.lr, args.save,
+                                   args.latents_per_dim, models))
             r = records[-1]
             print(f"{world} seed {seed}: " + " | ".join(
                 f"{m} dict_mmcs {r[m].get('dict_mmcs', math.nan):.3f} transfer_ho "
-                f"{r[m].get('transfer_ho', math.nan):.3f} swap {r[m]['swap']:.3f}" for m in MODELS[1:])
-                  + f" | standard swap {r['standard']['swap']:.3f} echo_share {r['standard']['echo_share']:.3f}",
+                f"{r[m].get('transfer_ho', math.nan):.3f} swap {r[m]['swap']:.3f} fvu {r[m]['fvu']:.3f}"
+                for m in models if m != "standard")
+                  + (f" | standard fvu {r['standard']['fvu']:.3f} swap {r['standard']['swap']:.3f} echo_share "
+                     f"{r['standard']['echo_share']:.3f}" if "standard" in r else ""),
                   file=sys.stderr, flush=True)
             write_report(args, argv, worlds, records)
     print(table(summarise(records)))

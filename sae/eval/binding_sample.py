@@ -4,6 +4,7 @@ summarised by each knob.
 
     python -m sae.eval.binding_sample --out results/binding_sample.json          # 24 worlds + 4 controls, seeds 0,1,2
     python -m sae.eval.binding_sample --smoke --out /tmp/smoke.json              # CI: 3 tiny worlds, 1 seed
+    python -m sae.eval.binding_sample --out results/binding_sample.json --report  # tables from the runs done
 
 Per world (drawn by `draw_worlds(--sample-seed, --worlds)`): `sae.BindingSAE(d, n, n_slots=S, k=k)`
 and `sae.TopKSAE(d, S·n, k=k)`, both trained by `sae.train(model, x, steps, batch_size, seed)`
@@ -109,7 +110,7 @@ def world_summary(info: dict, runs: list[dict]) -> dict:
     """Means over a world's seeds and its verdicts."""
     s = {"runs": len(runs)}
     for model in MODELS:
-        for key in ("fvu", "recall", "slot_acc", "ho_recall", "ho_slot", "dict_mmcs", "dict_mmcs_learned", "transfer_ho",
+        for key in ("fvu", "eff_mmcs", "recall", "slot_acc", "ho_recall", "ho_slot", "dict_mmcs", "dict_mmcs_learned", "transfer_ho",
                     "transfer_seen", "rebind_pairs", "rebind_fallback", "tie_cost"):
             vals = [r[model].get(key) for r in runs]
             if key in ("dict_mmcs", "dict_mmcs_learned", "transfer_ho", "transfer_seen", "ho_slot") and model == "binding":
@@ -147,7 +148,8 @@ def summarise(infos: dict, records: list[dict]) -> dict:
             continue
         for knob, b in infos[w]["bins"].items():
             k = knobs.setdefault(knob, {}).setdefault(b, {"worlds": 0, "identifiable": 0, "recovered": 0, "no_cost": 0,
-                                                          "maps_found": 0, "runs": 0, "d_fvu": [], "d_recall": []})
+                                                          "maps_found": 0, "runs": 0, "d_fvu": [], "d_recall": [],
+                                                          "topk_eff_mmcs": []})
             k["worlds"] += 1
             k["identifiable"] += infos[w]["identifiable"]
             k["recovered"] += bool(s.get("recovered"))
@@ -156,9 +158,11 @@ def summarise(infos: dict, records: list[dict]) -> dict:
             k["runs"] += s["runs"]
             k["d_fvu"].append(s["binding_fvu"] - s["standard_fvu"])
             k["d_recall"].append(s["binding_recall"] - s["standard_recall"])
+            k["topk_eff_mmcs"].append(s["standard_eff_mmcs"])
     for knob in knobs.values():
         for b in knob.values():
             b["d_fvu"], b["d_recall"] = _mean(b["d_fvu"]), _mean(b["d_recall"])
+            b["topk_eff_mmcs"] = _mean(b["topk_eff_mmcs"])
     return {"total": total, "worlds": by_world, "knobs": knobs}
 
 
@@ -169,7 +173,7 @@ def _f(v, digits=3):
 
 def world_table(infos: dict, summary: dict) -> str:
     head = ("| world | d | atoms | sup | S | M | zipf | mag | opt fam | occ | unbound | n/atoms | k | "
-            "interference mean / max | JL | ident | FVU topk / bind | recall topk / bind | dict_mmcs | transfer_ho | "
+            "interference mean / max | JL | ident | TopK eff_mmcs | FVU topk / bind | recall topk / bind | dict_mmcs | transfer_ho | "
             "dict_mmcs (TopK-learned atoms) | ho_slot | ho_recall | maps found | pairs | tie_cost | recover | no cost |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for w, s in summary["worlds"].items():
@@ -182,7 +186,8 @@ def world_table(infos: dict, summary: dict) -> str:
             f"{'yes' if c['family_probs'] else 'no'} | {c['occupancy']:.2f} | {i['variance']['unbound']:.2f} | "
             f"{i['multiple']:.2f} | {i['k']} | {i['interference']['mean_abs_cos']:.3f} / "
             f"{i['interference']['max_abs_cos']:.2f} | {i['interference']['jl_scale']:.2f} | "
-            f"{'yes' if i['identifiable'] else 'no'} | {_f(s['standard_fvu'])} / {_f(s['binding_fvu'])} | "
+            f"{'yes' if i['identifiable'] else 'no'} | {_f(s['standard_eff_mmcs'])} | "
+            f"{_f(s['standard_fvu'])} / {_f(s['binding_fvu'])} | "
             f"{_f(s['standard_recall'], 2)} / {_f(s['binding_recall'], 2)} | {_f(s.get('binding_dict_mmcs'))} | "
             f"{_f(s.get('binding_transfer_ho'))} | {_f(s.get('binding_dict_mmcs_learned'))} | "
             f"{_f(s.get('binding_ho_slot'), 2)} | "
@@ -194,19 +199,20 @@ def world_table(infos: dict, summary: dict) -> str:
 
 def knob_table(summary: dict) -> str:
     lines = ["| knob | bin | worlds | identifiable | recovered (of identifiable) | maps found (runs) | no cost | "
-             "mean Δfvu (bind − topk) | mean Δrecall |", "|---|---|---|---|---|---|---|---|---|"]
+             "mean Δfvu (bind − topk) | mean Δrecall | mean TopK eff_mmcs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for knob, bs in summary["knobs"].items():
         for b in sorted(bs):
             v = bs[b]
             lines.append(f"| {knob} | {b} | {v['worlds']} | {v['identifiable']} | {v['recovered']}/{v['identifiable']} | "
                          f"{v['maps_found']}/{v['runs']} | {v['no_cost']}/{v['worlds']} | {_f(v['d_fvu'])} | "
-                         f"{_f(v['d_recall'])} |")
+                         f"{_f(v['d_recall'])} | {_f(v['topk_eff_mmcs'])} |")
     return "\n".join(lines)
 
 
 def report_text(infos, summary) -> str:
     t = summary["total"]
-    head = (f"identifiable bound worlds recovered: {t['recovered']}/{t['identifiable']} "
+    runs = sum(s["runs"] for s in summary["worlds"].values())
+    head = (f"{runs} runs; identifiable bound worlds recovered: {t['recovered']}/{t['identifiable']} "
             f"(of {t['bound']} bound worlds); no cost: {t['no_cost']}/{t['worlds']} worlds; "
             f"controls negative: {'yes' if t['controls_negative'] else 'NO'}")
     return head + "\n\n" + world_table(infos, summary) + "\n\n" + knob_table(summary)
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--echo", action="store_true", help="also run the echo detector on each standard SAE")
     p.add_argument("--smoke", action="store_true",
                    help="CI size: 3 worlds with d 16-24, one control, seed 0, 200 steps, 8,192 samples")
+    p.add_argument("--report", action="store_true", help="rewrite the summary and tables from the runs in --out; train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (default 1)")
     p.add_argument("--out", default="binding_sample.json")
     args = p.parse_args(argv)
@@ -267,7 +274,7 @@ def main(argv=None) -> int:
     config = {"sample_seed": args.sample_seed, "worlds": args.worlds, "steps": args.steps, "batch_size": args.batch_size,
               "lr": args.lr,
               "n_train": args.n_train, "smoke": args.smoke, "controls": list(controls or ()) if controls is not None else "all"}
-    records = []
+    records, command = [], "python -m sae.eval.binding_sample " + " ".join(argv if argv is not None else sys.argv[1:])
     if os.path.exists(args.out):
         with open(args.out) as f:
             previous = json.load(f)
@@ -275,18 +282,22 @@ def main(argv=None) -> int:
             print(f"error: {args.out} holds runs with another configuration; choose another --out", file=sys.stderr)
             return 2
         records = previous["runs"]
+        if args.report:  # the command that trained the runs
+            command = previous.get("command", command)
+    elif args.report:
+        print(f"error: --report needs runs in {args.out}", file=sys.stderr)
+        return 2
     done = {(r["world"], r["seed"]) for r in records}
 
     def write():
         summary = summarise(infos, records)
-        write_result(args.out, {"command": "python -m sae.eval.binding_sample " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "config": config, "torch": torch.__version__,
+        write_result(args.out, {"command": command, "config": config, "torch": torch.__version__,
             "redrawn_for_cost": redrawn, "thresholds": {"recover": RECOVER, "fvu_margin": FVU_MARGIN,
                                                         "recall_margin": RECALL_MARGIN},
             "draws": infos, "summary": summary, "runs": records})
         return summary
 
-    todo = [(draw, seed) for seed in seeds for draw in draws if (draw.name, seed) not in done]
+    todo = [] if args.report else [(draw, seed) for seed in seeds for draw in draws if (draw.name, seed) not in done]
     run_args = (args.steps, args.n_train, args.batch_size, args.lr, args.echo)
     if args.jobs <= 1:
         for draw, seed in todo:
