@@ -56,16 +56,21 @@ def main(mode: str, kind: str, out: str, run_dir: str = "", *extra: str):
 
     options["callback"] = seen
     rank = int(os.environ.get("RANK", "0"))
+    shards = {}  # latents mode: what each rank holds, for the test's memory check
+    if mode == "latents":
+        cut = distributed.sharded.shard
+        distributed.sharded.shard = lambda full, group: shards.setdefault(id(full), cut(full, group))
     if mode == "single" and list(set_) == [""]:
         results = {"": sae.train(set_[""], data, **options)}
     elif mode == "single":
         results = sae.train_many(set_, data, **options)
     else:
         results = distributed.train(set_, data, parallel=mode, **options)
+    held = {id(m): sum(p.numel() for p in s.parameters()) for m, s in ((m, shards.get(id(m))) for m in set_.values()) if s}
     for name, result in results.items():
         state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
         save_file(state, str(Path(out) / f"{name or 'dict'}.rank{rank}.safetensors"),
-                  metadata={"aux": str(aux.get(name, 0.0)),
+                  metadata={"aux": str(aux.get(name, 0.0)), "held": str(held.get(id(set_[name]), 0)),
                             **{k: str(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}})
 
 

@@ -78,6 +78,13 @@ def test_each_mode_equals_one_process(tmp_path, single, mode, kind):
         r0, r1 = got[f"{name}.r0"], got[f"{name}.r1"]
         assert all(torch.equal(r0[k], r1[k]) for k in r0), f"{name}: the ranks' dictionaries differ"
         assert max_difference(alone[f"{name}.r0"], r0) <= TOLERANCE, name
+    if mode == "latents":  # each rank held 1/R of every latent-indexed parameter (and so of its Adam state)
+        for name, model in distributed_worker.models(kind).items():
+            whole = {k: p.numel() for k, p in model.named_parameters()}
+            replicated = sum(n for k, n in whole.items() if k in ("b_dec", "transform_param"))
+            with safe_open(str(tmp_path / f"{name}.rank0.safetensors"), "pt") as f:
+                held = int(f.metadata()["held"])
+            assert held - replicated == (sum(whole.values()) - replicated) // 2, name
     if kind == "tk":  # AuxK took part (latents died: dead_tokens is one batch)
         assert all(aux_of(tmp_path / f"{name}.rank0.safetensors") > 0 for name in ("topk", "bt", "bind"))
 
