@@ -24,7 +24,8 @@ def world():
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rebind") / "run"
-    model = sae.BindingSAE(EASY.d, world.n_atoms, n_slots=2, k=6, dead_tokens=200 * 512)
+    # a size a user would pick (twice the atom count, not the count) and every option at its default
+    model = sae.BindingSAE(EASY.d, 2 * world.n_atoms, n_slots=2, k=6)
     result = sae.train(model, world.sample(32768, seed=0).x, run_dir=str(run_dir), **TRAIN)
     return model, result, run_dir
 
