@@ -16,6 +16,7 @@ import torch
 import sae
 from sae.eval import report
 from sae.eval.worlds import WorldConfig, make_world
+from sae.recipes.binding import STANDARD_SHARE
 
 WORLD = WorldConfig(d=8, families=(4, 4), n_slots=2, seed=0)
 TRAIN = dict(steps=40, batch_size=128, log_every=5, eval_tokens=256, lr=3e-3)
@@ -106,20 +107,25 @@ def test_binding_report_with_a_world_labels_file(runs, tmp_path):
 
 
 def test_a_recipe_trained_binding_run_shows_every_phase(runs, tmp_path):
-    # sae.train trains a binding SAE by bind/split/match/rebind: the run directory's log.jsonl is the
-    # last phase's only; the curves must show the whole run, phases marked, not 12 of its 40 steps
+    # sae.train trains a binding SAE by the recipe (a standard SAE first, then the rebind or more of the
+    # standard SAE): the run directory's log.jsonl is the last phase's only; the curves must show the
+    # whole run, phases marked, not the last 10 of its 40 steps
     run = copy_run(runs, "binding", tmp_path)
-    assert sorted(p.name for p in (run / "phases").iterdir()) == ["1-bind", "2-split"]
+    assert sorted(p.name for p in (run / "phases").iterdir()) == ["1-standard"]
     r = report.read_run(run)
-    assert [(name, steps) for name, steps, _ in r.phases] == [("1-bind", 10), ("2-split", 18)]
+    first = int(STANDARD_SHARE * TRAIN["steps"])
+    assert [(name, steps) for name, steps, _ in r.phases] == [("1-standard", first)]
     log, bounds, caption = report.joined_phases(r)
-    assert bounds == [(0, "1-bind"), (10, "2-split"), (28, "4-rebind")]
+    last = "2-standard, continued" if r.metrics["rebind_fallback"] else "2-rebind"
+    assert bounds == [(0, "1-standard"), (first, last)]
     steps = [row["step"] for row in log if len(row) > 1]
-    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == 2 + 4 + 3  # every 5 steps and the last: 10, 18, 12 steps
-    assert "1-bind steps 0-10; 2-split steps 10-28; 4-rebind steps 28-40" in caption
+    logged = lambda n: len(range(TRAIN["log_every"], n, TRAIN["log_every"])) + 1  # every log_every and the last
+    assert steps == sorted(steps) and steps[-1] == TRAIN["steps"]
+    assert len(steps) == logged(first) + logged(TRAIN["steps"] - first)
+    assert f"1-standard steps 0-{first}; {last} steps {first}-{TRAIN['steps']}" in caption
     assert report.main([str(run)]) == 0
     page = (run / "report.html").read_text()
-    assert "1-bind steps 0-10" in page and "rebind_fallback = " in page
+    assert f"1-standard steps 0-{first}" in page and "rebind_fallback = " in page
     shutil.rmtree(run / "phases")  # a run without phases reads as before
     assert report.read_run(run).phases == []
 

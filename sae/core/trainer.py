@@ -57,7 +57,8 @@ class TrainConfig:
     b_dec_init: str = option("geometric_median", "initial b_dec: geometric_median, mean or zeros")
     start: str = option("fresh", "fresh (b_dec and the activation scale from the data) or continue (train the "
                         "dictionary further: its weights and b_dec as they are, at the scale it was trained at)")
-    binding_recipe: str = option("rebind", "binding SAEs: rebind (bind, split, match, rebind: sae/rebind.py) or plain")
+    binding_recipe: str = option("rebind", "binding SAEs: rebind (a standard SAE, the slots found in it, then the binding SAE from them: "
+                                 "sae/recipes/binding.py) or plain")
     scale_activations: bool = option(True, "train on x scaled to E||x|| = sqrt(d_in); folded into the weights on save")
     init_batches: int = option(4, "batches used to estimate the activation scale and b_dec")
     seed: int = option(0, "seed for data order and training randomness")

@@ -8,8 +8,8 @@ The report is ONE self-contained HTML file (PNGs embedded as base64), written at
 
     run               metrics.json and the config as tables
     training curves   loss parts, FVU, L0, dead share, LR (and the L0 controller's multiplier); for a
-                      binding SAE trained by the bind/split/match/rebind recipe (sae/rebind.py) the
-                      earlier phases' logs (RUN_DIR/phases/*/log.jsonl) come first, phases marked
+                      binding SAE trained by the binding recipe (sae/recipes/binding.py) the standard
+                      phase's log (RUN_DIR/phases/1-standard/log.jsonl) comes first, phases marked
     feature density   histogram of log10 firing rates from sae/sparsity.safetensors, per slot
     decoder norms     rows of W_dec; for a BindingSAE D's rows and the flat [D; M_2 D; ...] rows
     slot transforms   BindingSAE: singular values of each M_s and of M_s - I
@@ -107,7 +107,7 @@ class Run:
     model: object = None                       # sae.SAE, or None with model_note saying why
     model_note: str = ""
     log_density: torch.Tensor | None = None
-    # earlier phases of a recipe-trained run (sae/rebind.py): (name, steps, log rows or None), in order
+    # earlier phases of a recipe-trained run (sae/recipes/binding.py): (name, steps, log rows or None), in order
     phases: list[tuple[str, int, list[dict] | None]] = field(default_factory=list)
 
 
@@ -128,7 +128,7 @@ def read_log(log_file: Path) -> tuple[list[dict] | None, str]:
 
 
 def read_phases(path: Path) -> list[tuple[str, int, list[dict] | None]]:
-    """The phases sae/rebind.py trained before the final one, each a run directory under phases/."""
+    """The phases the binding recipe trained before the final one, each a run directory under phases/."""
     out = []
     for d in sorted(p for p in (path / "phases").glob("*") if p.is_dir()) if (path / "phases").is_dir() else []:
         log, _ = read_log(d / "log.jsonl")
@@ -686,19 +686,19 @@ def joined_phases(run: Run) -> tuple[list[dict], list[tuple[int, str]], str]:
     then the final phase's (log.jsonl), steps offset to count from the start of the whole run."""
     m = run.metrics or {}
     rows, bounds, offset, spans = [], [], 0, []
-    for name, n_steps, log in run.phases + [("4-rebind", None, run.log)]:
+    # without a map the recipe trains its standard SAE on (rebind_fallback): that is the last phase then
+    last = "2-standard, continued" if m.get("rebind_fallback") else "2-rebind"
+    for name, n_steps, log in run.phases + [(last, None, run.log)]:
         if rows:
             rows.append({"step": offset})                      # breaks every line at the boundary
         rows += [{**r, "step": r["step"] + offset} for r in (log or [])]
         bounds.append((offset, name))
         n_steps = n_steps if n_steps is not None else (int(log[-1]["step"]) if log else 0)
-        spans.append(f"{name} steps {offset}-{offset + n_steps}" + ("" if log else " (no log)")
-                     + (" (started from the 1-bind model: matching failed)"
-                        if name == "4-rebind" and m.get("rebind_fallback") else ""))
+        spans.append(f"{name} steps {offset}-{offset + n_steps}" + ("" if log else " (no log)"))
         offset += n_steps
     verdicts = ", ".join(f"{k} = {fmt(m[k])}" for k in ("rebind_pairs", "rebind_fallback", "tie_cost", "slot_usage")
                          if k in m)
-    cap = (f"Trained by the binding recipe (sae/rebind.py) in phases, each its own training run with its own "
+    cap = (f"Trained by the binding recipe (sae/recipes/binding.py) in phases, each its own training run with its own "
            f"learning-rate schedule and dead-latent window: {'; '.join(spans)}. The saved dictionary, the "
            f"end-of-run metrics and the figures below are the last phase's"
            + (f" (verdicts: {verdicts})" if verdicts else "") + ". ")
