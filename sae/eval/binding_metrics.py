@@ -78,7 +78,7 @@ def slot_relabelling(D_hat: torch.Tensor, M_hat: torch.Tensor, slot_atoms: torch
 def binding_latents(D_hat: torch.Tensor, M_hat: torch.Tensor, slot_atoms: torch.Tensor) -> torch.Tensor:
     """The binding SAE's own latent layout: (true slot t, atom a) → latent index s·n̂ + i, with i the
     D̂ row matched to atom a (in learned slot 1's frame) and s = σ⁻¹(t). (S, n) long, -1 if none."""
-    S, n_hat = M_hat.shape[0], D_hat.shape[0]
+    n_hat = D_hat.shape[0]
     sigma = slot_relabelling(D_hat, M_hat, slot_atoms)
     rows = match(D_hat, slot_atoms[sigma[0]], signed=True).learned
     out = torch.full(slot_atoms.shape[:2], -1, dtype=torch.long)

@@ -49,7 +49,7 @@ from sae.core.files import write_result
 from sae.eval import binding_metrics as bm
 from sae.eval.binding_bench import score
 from sae.eval.world_sample import Draw, bins, draw_worlds
-from sae.eval.worlds import WorldConfig, make_world
+from sae.eval.worlds import make_world
 
 RECOVER = {"dict_mmcs": 0.95, "transfer_ho": 0.9, "ho_slot": 0.8}
 FVU_MARGIN = (0.01, 0.10)   # absolute, relative: the larger applies

@@ -37,7 +37,6 @@ model is saved in run_dir like any other run's.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -353,7 +352,7 @@ def init_from_slots_(model: BindingSAE, flat: SAE, slots: Slots, usage: torch.Te
     rest = torch.ones(len(W), dtype=torch.bool)
     rest[taken] = False
     unused = rest.nonzero().squeeze(1)[: n - len(rows) - len(extras)]  # dead rows fill the dictionary
-    K, E = len(rows), len(extras)
+    K = len(rows)
 
     D = torch.cat([_atoms(U, rows, M), U[extras], U[unused]]) * norm
     W_enc = torch.zeros(d, S * n)
