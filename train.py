@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import fnmatch
 import itertools
+import os
 import re
 import shlex
 import sys
@@ -331,6 +332,18 @@ def run_cache(argv) -> int:
     return 0
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same one with --resume (under torchrun, its launcher
+    on one node; several nodes rerun their own torchrun commands)."""
+    launcher = ["python"]
+    if distributed.launched():
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if nodes > 1:
+            return "the same torchrun command on every node, with --resume"
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={os.environ['WORLD_SIZE']}"]
+    return " ".join(shlex.quote(a) for a in [*launcher, "train.py", *argv] if a != "--resume") + " --resume"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -340,9 +353,8 @@ def main(argv=None) -> int:
             return dashboard.main(argv[1:])
         return run_training(argv)
     except TrainingStopped as e:
-        again = " ".join(shlex.quote(a) for a in ["python", "train.py", *argv] if a != "--resume")
         print(f"{e.signal_name} at step {e.step}: checkpoint written in {e.run_dir}; "
-              f"continue with: {again} --resume", file=sys.stderr)
+              f"continue with: {resume_command(argv)}", file=sys.stderr)
         return 128 + e.signum
     except distributed.PeerLost as e:  # another rank died: this one says what is kept
         print(f"error: {e}", file=sys.stderr)

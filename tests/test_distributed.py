@@ -2,6 +2,7 @@
 equal, a job killed with SIGKILL resumes bit-identically, one rank killed stops the job with one
 clear line and the run resumes from its last checkpoint, SIGTERM to one rank stops both at one
 step. Each job is distributed_worker.py."""
+import importlib.util
 import os
 import shutil
 import signal
@@ -193,3 +194,20 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     result = worker("data", "one", tmp_path / "out", tmp_path / "run", *LONG, "resume=true")
     assert result.returncode == 0, result.stderr[-3000:]
     same_as_straight(straight, tmp_path / "out", tmp_path / "run")
+
+
+def test_the_resume_hint_names_the_launcher(monkeypatch):
+    # A run stopped by a signal says how to continue it: under torchrun that is torchrun, not python.
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    train_cli = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_cli", train_cli)  # dataclasses look their module up there
+    spec.loader.exec_module(train_cli)
+    argv = ["--data", "my cache", "--resume", "--steps", "9"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_cli.resume_command(argv) == "python train.py --data 'my cache' --steps 9 --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train_cli.resume_command(argv) == ("torchrun --standalone --nproc_per_node=2 train.py --data 'my cache' "
+                                              "--steps 9 --resume")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes of two: each node reruns its own launcher
+    assert "every node" in train_cli.resume_command(argv)
