@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sae.core import io, kernels, sharded, trainer
+from sae.core import io, sharded, trainer
 from sae.core.architectures.base import SAE, Code
 from sae.core.architectures.batchtopk import BatchTopK
 from sae.core.config import OptionError
@@ -190,21 +190,10 @@ def batch_topk_global(rule: BatchTopK, sae: SAE, x: torch.Tensor, group: Group) 
     """BatchTopK over the global batch: each row's top-`cap` candidates are local, the B*k
     largest of all ranks' candidates are chosen by one all-gather, as kernels.batch_topk_encode
     does in one process (cap doubles while any row may have lost selected latents past it)."""
-    n, B = sae.n_total, x.shape[0] * group.world
-    cap = min(n, 4 * rule.k)
-    while True:
-        values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, cap, b_dec=sae.b_dec)
-        every = group.all_gather(values.detach().reshape(-1))
-        cut = every.topk(min(B * rule.k, every.numel()), sorted=False).values.min()
-        keep = values.detach() >= cut
-        row_min, at = values.detach().min(dim=1, keepdim=True)
-        short = torch.tensor([int(cap < n and bool((keep.gather(1, at) & (row_min > 0)).any()))], device=x.device)
-        if not group.all_reduce(short, dist.ReduceOp.MAX).item():
-            break
-        cap = min(n, 2 * cap)
-    selected = every[every >= cut]
+    values, indices, keep, selected = sharded.select_batch_topk(x, sae, sae.b_dec, rule.k, x.shape[0] * group.world,
+                                                                group)
     rule._update_threshold(sae, selected)  # the same EMA step on every rank
-    return as_global(Code(values * keep.to(values.dtype), indices, n), group)
+    return as_global(Code(values * keep.to(values.dtype), indices, sae.n_total), group)
 
 
 def broadcast_model(model: SAE, device=None):

@@ -132,20 +132,29 @@ class ShardedBatchTopK(BatchTopK):
         if not sae.training:  # inference: the tracked threshold, latent by latent
             pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
             return shard_code(pre.relu() * (pre > sae.threshold), None, sae.n_total, group)
-        n, B = sae.n_total, x.shape[0]
-        cap = min(n, 4 * self.k)
-        while True:
-            values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, cap, b_dec=SumGrads.apply(sae.b_dec, group))
-            every = group.all_gather(values.detach().reshape(-1))
-            cut = every.topk(min(B * self.k, every.numel()), sorted=False).values.min()
-            keep = values.detach() >= cut
-            row_min, at = values.detach().min(dim=1, keepdim=True)
-            short = torch.tensor([int(cap < n and bool((keep.gather(1, at) & (row_min > 0)).any()))], device=x.device)
-            if not group.all_reduce(short, dist.ReduceOp.MAX).item():
-                break
-            cap = min(n, 2 * cap)
-        self._update_threshold(sae, every[every >= cut])
-        return shard_code(values * keep.to(values.dtype), indices, n, group)
+        values, indices, keep, selected = select_batch_topk(x, sae, SumGrads.apply(sae.b_dec, group), self.k,
+                                                            x.shape[0], group)
+        self._update_threshold(sae, selected)
+        return shard_code(values * keep.to(values.dtype), indices, sae.n_total, group)
+
+
+def select_batch_topk(x: Tensor, sae: SAE, b_dec: Tensor, k: int, n_rows: int, group):
+    """BatchTopK's selection when the candidates are spread over ranks (rows in data parallel,
+    latents in a sharded dictionary): each rank's top-`cap` per row, then the n_rows*k largest
+    of every rank's, found by one all-gather (cap doubles while a row may have lost selected
+    latents past it). Returns (values, indices, keep mask, the selected values of all ranks)."""
+    n = sae.n_total
+    cap = min(n, 4 * k)
+    while True:
+        values, indices = kernels.topk_encode(x, sae.W_enc, sae.b_enc, cap, b_dec=b_dec)
+        every = group.all_gather(values.detach().reshape(-1))
+        cut = every.topk(min(n_rows * k, every.numel()), sorted=False).values.min()
+        keep = values.detach() >= cut
+        row_min, at = values.detach().min(dim=1, keepdim=True)
+        short = torch.tensor([int(cap < n and bool((keep.gather(1, at) & (row_min > 0)).any()))], device=x.device)
+        if not group.all_reduce(short, dist.ReduceOp.MAX).item():
+            return values, indices, keep, every[every >= cut]
+        cap = min(n, 2 * cap)
 
 
 SHARDED_RULES = {TopK: ShardedTopK, BatchTopK: ShardedBatchTopK}
