@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae.core import io, sharded, trainer
+from sae.core.files import first_line
 from sae.core.architectures.base import SAE, Code
 from sae.core.architectures.batchtopk import BatchTopK
 from sae.core.config import OptionError
@@ -355,7 +356,7 @@ def peer_lost_line(group: Group, step: int, cfg: TrainConfig, e: BaseException) 
     kept = (f"the checkpoint at step {checkpoint_step(last)} in {cfg.run_dir} is kept: rerun the same command "
             "with --resume") if last is not None else "no checkpoint was written yet"
     # gloo's words without its source location: "[.../pair.cc:553] Connection closed by peer ..."
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e))
     reason = reason.split(". ")[0][:120]
     return f"rank {group.rank} of {group.world} lost a peer at step {step} ({reason}); the job stops; {kept}"
 

@@ -59,6 +59,12 @@ def fsync_path(path: Path):
         os.close(fd)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's message cut to its first line (one-line errors), or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def describe_os_error(e: BaseException) -> str:
     """A short reason for an OSError or a writer's error that wraps one (safetensors' does)."""
     text = str(e)
@@ -68,7 +74,7 @@ def describe_os_error(e: BaseException) -> str:
         return "permission denied"
     if getattr(e, "strerror", None):
         return e.strerror[0].lower() + e.strerror[1:]
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e)
 
 
 def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -22,6 +22,8 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
+from sae.core.files import first_line
+
 HUB_PREFIX = "hf://"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one part of a repo id, as the Hub allows it
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -66,7 +68,7 @@ def download(repo_id: str, subfolder: str, names, revision: str | None = None) -
         root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + n for n in names],
                                  local_files_only=offline())
     except Exception as e:  # huggingface_hub's errors run to many lines; the first says what
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         mode = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache is read)" if offline() else ""
         raise HubError(f"{where}: {reason}{mode}") from None
     folder = Path(root) / subfolder

@@ -640,7 +640,7 @@ def main(argv=None) -> int:
         print(f"dashboard: error: {e.cli_message()}", file=sys.stderr)
         return 2
     except (ValueError, ImportError) as e:  # DashboardError, LoadError, CacheError, OutputError
-        print(f"dashboard: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"dashboard: error: {files.first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"dashboard: error: {e.filename or path}: {files.describe_os_error(e)}", file=sys.stderr)

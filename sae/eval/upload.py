@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from sae.core import hub
+from sae.core.files import first_line
 from sae.core.config import argument, option, parse_config
 from sae.core.io import load
 
@@ -40,10 +41,10 @@ def main(argv=None) -> int:
         commit = hub.upload(args.path, args.repo_id, args.path_in_repo, revision=args.revision or None, private=args.private,
                             commit_message=args.message, token=args.token or None)
     except (ValueError, OSError, ImportError) as e:  # HubError and LoadError are ValueErrors
-        print(f"upload: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"upload: error: {first_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 (the Hub client's own errors: one line, not a traceback)
-        print(f"upload: error: {args.repo_id}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+        print(f"upload: error: {args.repo_id}: {first_line(e)}",
               file=sys.stderr)
         return 2
     print(f"uploaded {folder} to {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''}: "

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from sae.core.files import first_line
 from sae.lm.hooked import (build_model, check_hook_names, hook_activations, hook_layer,  # noqa: F401 (re-exported)
                            hooked_state_dict, model_fingerprint, tl_major, tl_version)
 from sae.lm.minilm import load_minilm
@@ -103,7 +104,7 @@ def load_model(model_id: str, device="cpu", processing: str = "none", kwargs: di
         with _hf_offline(offline):
             model = (_load_tl3 if tl_major() < 4 else _load_tl4)(model_id, device, kw)
     except Exception as e:  # one line: the loaders' own errors run to many lines
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         where = ("could not be loaded offline (HF_HUB_OFFLINE=1: only the local Hugging Face cache is read)"
                  if offline else "could not be loaded from the Hugging Face Hub")
         raise ValueError(f"model {model_id!r}: {where}: {first}") from e
