@@ -6,7 +6,9 @@ scenes model's metadata were measured with each:
                         standardised features; the bottleneck report's probes
     fit_scene_probes    one linear probe per (object, attribute) of a scene, fitted jointly from
                         zero with a floor on each feature's scale, so that SAE codes (sparse,
-                        with rarely firing latents) are not dominated by their rare latents
+                        with rarely firing latents) are not dominated by their rare latents;
+                        with hidden > 0, one GELU MLP whose hidden layer all heads share (the
+                        scene family's nonlinear reference: one fit per site, not one per head)
 """
 from __future__ import annotations
 
@@ -38,14 +40,23 @@ def probe_accuracy(x_train, y_train, x_test, y_test, n_classes: int, hidden: int
         return (probe(x_test).argmax(-1) == y_test).float().mean().item()
 
 
-HEADS = [(s, a) for s in range(scenes.MAX_OBJECTS) for a in range(len(ATTRIBUTES))]
+def scene_heads(n_objects: int) -> list[tuple[int, int]]:
+    """(object, attribute index) of every probe head for scenes of up to n_objects."""
+    return [(s, a) for s in range(n_objects) for a in range(len(ATTRIBUTES))]
 
 
-def fit_scene_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600, lr: float = 0.05):
+HEADS = scene_heads(scenes.MAX_OBJECTS)  # the default world's
+
+
+def fit_scene_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600, lr: float = 0.05,
+                     hidden: int = 0, seed: int = 0):
     """One multinomial logistic probe per (object, attribute) on standardised features, full-batch
     Adam from zero (probe_accuracy's recipe, zero-initialised and fitted jointly). The heads share nothing but the
     features, and Adam is per-parameter, so fitting them together equals fitting them apart.
-    Returns predict(x_new) -> (N, MAX_OBJECTS, 3) value indices."""
+    hidden > 0: the heads read one shared GELU layer of that width instead (random init from
+    `seed`, lr 3e-3 as probe_accuracy's MLP). attributes: (N, n_objects, 3), -1 = no object.
+    Returns predict(x_new) -> (N, n_objects, 3) value indices."""
+    heads = scene_heads(attributes.shape[1])
     x = x.float()
     keep = x.std(0) > 1e-6  # constant on train (dead latents): no information, only test-time noise
     x = x[:, keep]
@@ -54,33 +65,62 @@ def fit_scene_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600
         # A latent firing on a handful of train rows has a tiny std; flooring it stops its rare
         # test activations from being blown up to huge standardised values.
         sd = x.std(0).clamp_min(0.1 * x.std(0).median().item())
-    sizes = [len(FAMILIES[ATTRIBUTES[a]]) for _, a in HEADS]
+    sizes = [len(FAMILIES[ATTRIBUTES[a]]) for _, a in heads]
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
+    if hidden > 0:
+        return _fit_mlp_heads(x, attributes, heads, offsets, keep, mu, sd, steps, hidden, seed)
     W = torch.zeros(x.shape[1], offsets[-1], requires_grad=True)
     b = torch.zeros(offsets[-1], requires_grad=True)
     sparse = (x != 0).float().mean().item() < 0.2
     # Sparse codes stay sparse: (x - mu)/sd @ W = (x/sd) @ W - (mu/sd) @ W.
     xs = (x / sd).to_sparse() if sparse else x / sd
     shift = mu / sd
-    present = [(attributes[:, s, a] >= 0) for s, a in HEADS]
+    present = [(attributes[:, s, a] >= 0) for s, a in heads]
     opt = torch.optim.Adam([W, b], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             logits = (torch.sparse.mm(xs, W) if sparse else xs @ W) - shift @ W + b
             loss = sum(F.cross_entropy(logits[m, offsets[h]:offsets[h + 1]], attributes[m, s, a])
-                       for h, ((s, a), m) in enumerate(zip(HEADS, present)) if m.any())
+                       for h, ((s, a), m) in enumerate(zip(heads, present)) if m.any())
             opt.zero_grad()
             loss.backward()
             opt.step()
     W, b = W.detach(), b.detach()
 
+    return _head_predictor(lambda x_new: ((x_new.float()[:, keep] - mu) / sd) @ W + b, heads, offsets,
+                           attributes.shape[1])
+
+
+def _head_predictor(logits_fn, heads, offsets, n_objects: int):
     def predict_fn(x_new: torch.Tensor) -> torch.Tensor:
-        logits = ((x_new.float()[:, keep] - mu) / sd) @ W + b
-        out = torch.empty(len(x_new), scenes.MAX_OBJECTS, len(ATTRIBUTES), dtype=torch.long)
-        for h, (s, a) in enumerate(HEADS):
+        with torch.no_grad():
+            logits = logits_fn(x_new)
+        out = torch.empty(len(x_new), n_objects, len(ATTRIBUTES), dtype=torch.long)
+        for h, (s, a) in enumerate(heads):
             out[:, s, a] = logits[:, offsets[h]:offsets[h + 1]].argmax(-1)
         return out
 
     return predict_fn
+
+
+def _fit_mlp_heads(x, attributes, heads, offsets, keep, mu, sd, steps: int, hidden: int, seed: int):
+    """fit_scene_probes with hidden > 0: the heads' logits come from one shared GELU layer."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
+                              torch.nn.Linear(hidden, offsets[-1]))
+    xs = (x - mu) / sd
+    present = [(attributes[:, s, a] >= 0) for s, a in heads]
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = net(xs)
+            loss = sum(F.cross_entropy(logits[m, offsets[h]:offsets[h + 1]], attributes[m, s, a])
+                       for h, ((s, a), m) in enumerate(zip(heads, present)) if m.any())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    return _head_predictor(lambda x_new: net((x_new.float()[:, keep] - mu) / sd), heads, offsets,
+                           attributes.shape[1])

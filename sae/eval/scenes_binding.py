@@ -75,10 +75,11 @@ from sae.core.config import argument, option, parse_config
 from sae.core.files import write_result
 from sae.core.io import load
 from sae.core.metrics import fvu
-from sae.eval.probes import HEADS, fit_scene_probes
+from sae.eval.probes import fit_scene_probes
 from sae.lm import scenes
 from sae.lm.scenes import ATTRIBUTES, COLOURS, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
-from sae.lm.scenes_model import BOTTLENECK_HOOK, load_scenes_model, patch_sep, query_logits, slice_batch
+from sae.lm.scenes_model import (BOTTLENECK_HOOK, hook_of, load_scenes_model, patch_sep, query_logits, slice_batch,
+                                 world_of)
 from sae.lm.splice import resolve_sae_dir
 
 D_MODEL = 64  # the shipped scenes model's width (sae/assets/scenes_model.json)
@@ -91,22 +92,21 @@ CHUNK = 1000  # scenes per forward pass
 
 @torch.no_grad()
 def sep_residuals(model, tokens: torch.Tensor) -> torch.Tensor:
-    """(N, d_model) residual at SEP_POS after the bottleneck block."""
-    out = []
+    """(N, d_model) residual at the separator after the bottleneck block (the model's own: hook_of)."""
+    out, hook, pos = [], hook_of(model), world_of(model).sep_pos
     for i in range(0, len(tokens), CHUNK):
-        _, cache = model.run_with_cache(tokens[i:i + CHUNK].to(model.cfg.device),
-                                        names_filter=lambda n: n == BOTTLENECK_HOOK)
-        out.append(cache[BOTTLENECK_HOOK][:, scenes.SEP_POS].float().cpu())
+        _, cache = model.run_with_cache(tokens[i:i + CHUNK].to(model.cfg.device), names_filter=lambda n: n == hook)
+        out.append(cache[hook][:, pos].float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def predict(model, batch: scenes.SceneBatch, sep: torch.Tensor | None = None) -> torch.Tensor:
     """(N, N_QUERIES) argmax answers; with `sep` (N, d_model) that vector replaces the SEP residual."""
-    out = []
+    out, hook, pos = [], hook_of(model), world_of(model).sep_pos
     for i in range(0, len(batch), CHUNK):
         part = slice_batch(batch, slice(i, i + CHUNK))
-        hooks = [(BOTTLENECK_HOOK, patch_sep(sep[i:i + CHUNK]))] if sep is not None else []
+        hooks = [(hook, patch_sep(sep[i:i + CHUNK], pos))] if sep is not None else []
         out.append(query_logits(model, part, hooks).argmax(-1).cpu())
     return torch.cat(out)
 
@@ -138,7 +138,7 @@ def probe_scores(predict_fn, test: tuple, held: tuple) -> dict:
     (x_test, b_test), (x_held, b_held) = test, held
     res = {"test": {}, "heldout_object": {}, "heldout_all": {}}
     pred, truth = predict_fn(x_test), b_test.attributes
-    for s, a in HEADS:
+    for s, a in [(s, a) for s in range(truth.shape[1]) for a in range(len(ATTRIBUTES))]:
         m = truth[:, s, a] >= 0
         res["test"][f"{ATTRIBUTES[a]}@{s}"] = (pred[m, s, a] == truth[m, s, a]).float().mean().item()
     res["test_mean"] = sum(res["test"].values()) / len(res["test"])
@@ -164,7 +164,8 @@ class QuerySet:
     group: torch.Tensor  # (R, N_QUERIES) group id per query, -1 = padding
 
 
-def build_queries(bases: list[Scene], specs: list[list[tuple[scenes.Query, int]]]) -> QuerySet:
+def build_queries(bases: list[Scene], specs: list[list[tuple[scenes.Query, int]]],
+                  world: scenes.World = scenes.DEFAULT_WORLD) -> QuerySet:
     """Query blocks never see each other and the scene reaches them only through SEP_POS, so a
     scene's queries can be spread over as many sequences as needed. A query's answer (in the
     batch) is the answer expected after the edit it is built for."""
@@ -176,7 +177,7 @@ def build_queries(bases: list[Scene], specs: list[list[tuple[scenes.Query, int]]
             rows.append(Scene(sc.objects, sc.relations, tuple(q for q, _ in chunk)))
             base.append(i)
             group.append([g for _, g in chunk])
-    return QuerySet(scenes.encode_scenes(rows), torch.tensor(base), torch.tensor(group))
+    return QuerySet(scenes.encode_scenes(rows, world), torch.tensor(base), torch.tensor(group))
 
 
 FLIP, BY_COLOUR, UNRELATED = 0, 1, 2
@@ -219,11 +220,11 @@ def with_colour(objects: tuple, slot: int, colour: str) -> tuple:
     return objects[:slot] + (SceneObject(colour, o.material, o.shape),) + objects[slot + 1:]
 
 
-def sample_edits(n: int, seed: int):
+def sample_edits(n: int, seed: int, world: scenes.World = scenes.DEFAULT_WORLD):
     """n test scenes, each with a recolour (s, c') and, where one exists, a colour swap (s, t) that
     creates no held-out conjunction (so the edited scene is one the model answers well)."""
     rng = random.Random(f"scenes_binding/edits/{seed}")
-    bases = scenes.sample_scenes(n, seed, "test")
+    bases = world.sample_scenes(n, seed, "test")
     recol, swaps = [], []
     for i, sc in enumerate(bases):
         objs = sc.objects
@@ -245,14 +246,14 @@ def sample_edits(n: int, seed: int):
 # colour latents, from data
 
 def colour_index(attributes: torch.Tensor) -> torch.Tensor:
-    return attributes[:, :, ATTRIBUTES.index("colour")]  # (N, MAX_OBJECTS), -1 = no object
+    return attributes[:, :, ATTRIBUTES.index("colour")]  # (N, max_objects), -1 = no object
 
 
 def colour_latents(z: torch.Tensor, attributes: torch.Tensor) -> dict:
     """lat[s, c] = the latent whose mean activation rises most when object s has colour c (vs not),
     its score (that rise), and mean_on[s, c] = mean of z[:, lat] on rows where object s is c."""
     col = colour_index(attributes)
-    S, C = scenes.MAX_OBJECTS, len(COLOURS)
+    S, C = col.shape[1], len(COLOURS)
     lat = torch.zeros(S, C, dtype=torch.long)
     score = torch.zeros(S, C)
     for s in range(S):
@@ -284,8 +285,8 @@ def binding_latents(z: torch.Tensor, attributes: torch.Tensor, data_lat: torch.T
     for c in range(len(COLOURS)):
         m = (col == c).any(1)
         atom[c] = (pooled[m].mean(0) - pooled[~m].mean(0)).argmax()
-    votes = torch.zeros(scenes.MAX_OBJECTS, n_slots, dtype=torch.long)
-    for s in range(scenes.MAX_OBJECTS):
+    votes = torch.zeros(col.shape[1], n_slots, dtype=torch.long)
+    for s in range(col.shape[1]):
         votes[s] = torch.bincount(data_lat[s] // n_latents, minlength=n_slots)
     sigma = votes.argmax(1)
     lat = sigma[:, None] * n_latents + atom[None, :]
@@ -309,8 +310,10 @@ def _acc(pred, truth, mask=None):
     return ok[mask].float().mean().item() if mask is not None else ok.float().mean().item()
 
 
-def _edit_scores(pred: torch.Tensor, qs: QuerySet, clean_pred: torch.Tensor) -> dict:
-    g = qs.group
+def _edit_scores(pred: torch.Tensor, qs: QuerySet, clean_pred: torch.Tensor, kinds: tuple = scenes.KIND_NAMES) -> dict:
+    """Scores over the queries of `kinds` (the kinds the model was trained on: the world's mix)."""
+    trained = torch.isin(qs.batch.kinds, torch.tensor([scenes.KIND_NAMES.index(k) for k in kinds]))
+    g = torch.where(trained, qs.group, torch.full_like(qs.group, -1))
     out = {}
     for name, gid in GROUPS.items():
         m = g == gid
@@ -339,9 +342,10 @@ def swap_test(scenes_model, codec: Codec, bases: list[Scene], swaps: list, mu: t
                                      scenes.make_query(old, "colour_by_slot", t))))
         B_sc.append(Scene(new, rel, (scenes.make_query(new, "colour", s), scenes.make_query(new, "shape", t),
                                      scenes.make_query(new, "colour_by_slot", t))))
-    A, B = scenes.encode_scenes(A_sc), scenes.encode_scenes(B_sc)
+    world = world_of(scenes_model)
+    A, B = scenes.encode_scenes(A_sc, world), scenes.encode_scenes(B_sc, world)
     prompts_a, prompts_b = A.tokens.scatter(1, A.answer_pos, 0), B.tokens.scatter(1, B.answer_pos, 0)
-    assert torch.equal(prompts_a[:, scenes.SEP_POS + 1:], prompts_b[:, scenes.SEP_POS + 1:])
+    assert torch.equal(prompts_a[:, world.sep_pos + 1:], prompts_b[:, world.sep_pos + 1:])
     assert bool((A.answers != B.answers).all()), "a swap-test answer is the same in A and B"
     xa, xb = sep_residuals(scenes_model, A.tokens), sep_residuals(scenes_model, B.tokens)
     za, zb = codec.encode(xa), codec.encode(xb)
@@ -394,9 +398,10 @@ def recolour_edits(scenes_model, codec: Codec, bases: list[Scene], recol: list, 
     s = torch.tensor([s for s, _, _ in recol])
     c_old = torch.tensor([COLOUR_ID[sc.objects[s].colour] for sc, (s, _, _) in zip(bases, recol)])
     c_new = torch.tensor([COLOUR_ID[c] for _, c, _ in recol])
+    world = world_of(scenes_model)
     x_true = sep_residuals(scenes_model, scenes.encode_scenes(
-        [Scene(new, sc.relations, sc.queries) for sc, (_, _, new) in zip(bases, recol)]).tokens)
-    qs = build_queries(bases, [recolour_specs(sc.objects, new, s) for sc, (s, _, new) in zip(bases, recol)])
+        [Scene(new, sc.relations, sc.queries) for sc, (_, _, new) in zip(bases, recol)], world).tokens)
+    qs = build_queries(bases, [recolour_specs(sc.objects, new, s) for sc, (s, _, new) in zip(bases, recol)], world)
     conds = {"none": x_base, "residual": x_true, "sae_codes": codec.decode(codec.encode(x_true)) + err}
     extra = {}
     for name, lk in lookups.items():
@@ -419,9 +424,10 @@ def swap_edits(scenes_model, codec: Codec, bases: list[Scene], swaps: list, look
     s, t = torch.tensor([s for _, s, _, _ in swaps]), torch.tensor([t for _, _, t, _ in swaps])
     cs = torch.tensor([COLOUR_ID[bases[i].objects[s].colour] for i, s, _, _ in swaps])
     ct = torch.tensor([COLOUR_ID[bases[i].objects[t].colour] for i, _, t, _ in swaps])
+    world = world_of(scenes_model)
     x_true = sep_residuals(scenes_model, scenes.encode_scenes(
-        [Scene(new, bases[i].relations, bases[i].queries) for i, _, _, new in swaps]).tokens)
-    qs = build_queries(sw_bases, [swap_specs(bases[i].objects, new, s, t) for i, s, t, new in swaps])
+        [Scene(new, bases[i].relations, bases[i].queries) for i, _, _, new in swaps], world).tokens)
+    qs = build_queries(sw_bases, [swap_specs(bases[i].objects, new, s, t) for i, s, t, new in swaps], world)
     conds = {"none": x_base, "residual": x_true, "sae_codes": codec.decode(codec.encode(x_true)) + err}
     extra = {}
     for name, lk in lookups.items():
@@ -441,28 +447,32 @@ def swap_edits(scenes_model, codec: Codec, bases: list[Scene], swaps: list, look
 
 def _run_edits(scenes_model, qs: QuerySet, conds: dict, out: dict) -> dict:
     """Scores per condition; `conds` maps a name to one SEP vector per base scene."""
-    clean = predict(scenes_model, qs.batch)
+    clean, kinds = predict(scenes_model, qs.batch), world_of(scenes_model).kinds
     for name, sep in conds.items():
-        out[name] = _edit_scores(predict(scenes_model, qs.batch, sep[qs.base]), qs, clean)
+        out[name] = _edit_scores(predict(scenes_model, qs.batch, sep[qs.base]), qs, clean, kinds)
     return out
 
 
 @torch.no_grad()
 def evaluate_sae(sae_model, scenes_model, n_train: int = 4000, n_eval: int = 1000, seed: int = 0,
-                 scale: float = 1.0, probe_steps: int = 600, progress: bool = False) -> dict:
-    """Probes, swap test and causal edits (module doc) for one SAE on the scenes bottleneck.
-    `scale`: what the SAE multiplies its input by (1 for SAEs saved by sae.train: folded in)."""
-    if sae_model.d_in != D_MODEL:
-        raise ValueError(f"the SAE has d_in={sae_model.d_in}; the scenes bottleneck has {D_MODEL}")
+                 scale: float = 1.0, probe_steps: int = 600, progress: bool = False,
+                 residual_probes: bool = True) -> dict:
+    """Probes, swap test and causal edits (module doc) for one SAE on the scenes bottleneck of
+    `scenes_model` (its world and bottleneck hook: world_of, hook_of).
+    `scale`: what the SAE multiplies its input by (1 for SAEs saved by sae.train: folded in).
+    residual_probes=False skips the residual reference row (the same for every SAE of one model)."""
+    world, d_model = world_of(scenes_model), scenes_model.cfg.d_model
+    if sae_model.d_in != d_model:
+        raise ValueError(f"the SAE has d_in={sae_model.d_in}; the scenes bottleneck has {d_model}")
     was_training = sae_model.training
     sae_model.eval()
     codec = Codec(sae_model, scale)
     bar = tqdm(total=5, desc="scenes binding", disable=not progress, dynamic_ncols=True)
     try:
         # seeds apart from the SAE's training cache (train split, seed 0) and from each other
-        train = scenes.sample_batch(n_train, 1000 + seed, "train")
-        test = scenes.sample_batch(n_eval, 2000 + seed, "test")
-        held = scenes.sample_batch(n_eval, 3000 + seed, "heldout")
+        train = world.sample_batch(n_train, 1000 + seed, "train")
+        test = world.sample_batch(n_eval, 2000 + seed, "test")
+        held = world.sample_batch(n_eval, 3000 + seed, "heldout")
         x = {k: sep_residuals(scenes_model, b.tokens) for k, b in (("train", train), ("test", test), ("heldout", held))}
         z = {k: codec.encode(v) for k, v in x.items()}
         xhat = {k: codec.decode(v) for k, v in z.items()}
@@ -478,18 +488,19 @@ def evaluate_sae(sae_model, scenes_model, n_train: int = 4000, n_eval: int = 100
         bar.update()
 
         probes = {}
-        for name, feats in (("residual", x), ("codes", z), ("reconstruction", xhat)):
+        rows = (("residual", x),) * residual_probes + (("codes", z), ("reconstruction", xhat))
+        for name, feats in rows:
             with torch.enable_grad():
                 fn = fit_scene_probes(feats["train"], train.attributes, steps=probe_steps)
             probes[name] = probe_scores(fn, (feats["test"], test), (feats["heldout"], held))
         bar.update()
 
-        bases, recol, swaps = sample_edits(n_eval, 4000 + seed)
+        bases, recol, swaps = sample_edits(n_eval, 4000 + seed, world)
         swap = swap_test(scenes_model, codec, bases, swaps, x["train"].mean(0))
         bar.update()
 
         lookups, lookup_info = latent_lookups(sae_model, z["train"], train.attributes)
-        x_base = sep_residuals(scenes_model, scenes.encode_scenes(bases).tokens)
+        x_base = sep_residuals(scenes_model, scenes.encode_scenes(bases, world).tokens)
         edits = {"recolour": recolour_edits(scenes_model, codec, bases, recol, lookups, x_base)}
         bar.update()
         edits["swap"] = swap_edits(scenes_model, codec, bases, swaps, lookups, x_base)

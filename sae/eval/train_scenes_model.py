@@ -24,10 +24,10 @@ from sae.core.config import HelpFormatter, add_options, from_args
 from sae.core.files import make_dirs, save_safetensors, write_json
 from sae.eval.probes import probe_accuracy
 from sae.lm import scenes
-from sae.lm.scenes import KIND_NAMES, N_CTX, SEP_POS, TOKENIZER, SceneBatch
+from sae.lm.scenes import KIND_NAMES, TOKENIZER, SceneBatch
 from sae.lm.scenes_model import (BOTTLENECK_LAYER, SCENES_MODEL_ID, WEIGHTS_PATH, ScenesModelConfig, bottleneck_residual,
                                  build_scenes_model, load_scenes_metadata, load_scenes_model, patch_sep, query_logits,
-                                 reference_logits, task_accuracy)
+                                 reference_logits, task_accuracy, world_of)
 
 
 def recolour(scene: scenes.Scene, rng) -> scenes.Scene:
@@ -45,7 +45,7 @@ def recolour(scene: scenes.Scene, rng) -> scenes.Scene:
 
 @torch.no_grad()
 def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed: int = 12345,
-                      probe_train: int = 4000) -> dict:
+                      probe_train: int = 4000, with_probes: bool = True) -> dict:
     """Evidence that the scene reaches the queries only through the bottleneck (see module doc).
 
     identity      max |logit difference| between (scene A's tokens with the bottleneck vector of a
@@ -60,17 +60,21 @@ def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed:
                   position at the bottleneck layer (which cannot see the scene: chance); plus the
                   held-out conjunction object's colour and shape on the heldout split. The shipped
                   model's binding is readable by MLP probes but only partly by linear ones.
+                  (with_probes=False skips them: the costly part.)
+    The model's world (world_of) sets the layout and the queries asked.
     """
     hook = f"blocks.{layer}.hook_resid_post"
+    world = world_of(model)
+    sep = world.sep_pos
     rng = random.Random(seed)
-    base = scenes.sample_scenes(n, seed, "test")
+    base = world.sample_scenes(n, seed, "test")
     edited = [recolour(s, rng) for s in base]
-    A, B = scenes.encode_scenes(base), scenes.encode_scenes(edited)
-    # hybrid: B's scene (positions < SEP_POS... and separator) with A's query blocks
-    hybrid_tokens = torch.cat([B.tokens[:, : SEP_POS + 1], A.tokens[:, SEP_POS + 1 :]], 1)
+    A, B = scenes.encode_scenes(base, world), scenes.encode_scenes(edited, world)
+    # hybrid: B's scene (positions < sep... and separator) with A's query blocks
+    hybrid_tokens = torch.cat([B.tokens[:, : sep + 1], A.tokens[:, sep + 1 :]], 1)
     hybrid = SceneBatch(hybrid_tokens, A.answer_pos, A.answers, A.kinds, A.slots, B.attributes, B.n_objects)
     sep_B = bottleneck_residual(model, B.tokens, layer)
-    patched = query_logits(model, A, [(hook, patch_sep(sep_B))])
+    patched = query_logits(model, A, [(hook, patch_sep(sep_B, sep))])
     identity = (patched - query_logits(model, hybrid)).abs().max().item()
 
     expected = answers_in(base, edited, A.answers)
@@ -78,8 +82,8 @@ def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed:
     flipped = (expected >= 0) & (expected != A.answers)
     same = (expected >= 0) & (expected == A.answers)
 
-    reference = bottleneck_residual(model, scenes.generate_tokens(n, seed + 1, "train"), layer)
-    ablated = task_accuracy(model, A, [(hook, patch_sep(reference.mean(0, keepdim=True).expand(n, -1)))])
+    reference = bottleneck_residual(model, world.generate_tokens(n, seed + 1, "train"), layer)
+    ablated = task_accuracy(model, A, [(hook, patch_sep(reference.mean(0, keepdim=True).expand(n, -1), sep))])
     clean = task_accuracy(model, A)
 
     # chance: the best scene-blind answer (most frequent value of the asked family)
@@ -87,9 +91,9 @@ def bottleneck_report(model, layer: int = BOTTLENECK_LAYER, n: int = 1000, seed:
     chance = {name: 1 / len(scenes.FAMILIES[asked_family[k]]) for k, name in enumerate(KIND_NAMES)}
     chance["accuracy"] = sum(chance[KIND_NAMES[k]] * (A.kinds == k).float().mean().item() for k in range(len(KIND_NAMES)))
 
-    probes = _probes(model, layer, n, seed, probe_train)
+    probes = _probes(model, layer, n, seed, probe_train) if with_probes else None
     return {
-        "bottleneck_hook": hook, "sep_position": SEP_POS, "n_scenes": n,
+        "bottleneck_hook": hook, "sep_position": sep, "n_scenes": n,
         "identity_max_abs_logit_diff": identity,
         "clean": clean, "mean_ablated": ablated, "chance": chance,
         "recolour_patch": {
@@ -109,6 +113,7 @@ def answers_in(base: list, edited: list, answers: torch.Tensor) -> torch.Tensor:
             _, by, asked = scenes.QUERY_KINDS[q.kind]
             match = [b.objects[q.slot]] if by == "slot" else [o for o in b.objects if getattr(o, by) == q.prompt[1]]
             if match:
+                # attribute words have the same ids in every world (only ordinals are appended)
                 expected[i, j] = TOKENIZER.word_to_id[getattr(match[0], asked)]
     return expected
 
@@ -117,11 +122,13 @@ PROBES = {"linear": 0, "mlp": 256}  # probe kind -> hidden width
 
 
 def _probes(model, layer: int, n: int, seed: int, n_train: int) -> dict:
-    train = scenes.sample_batch(n_train, seed + 2, "train")
-    test = scenes.sample_batch(n, seed + 3, "test")
-    held = scenes.sample_batch(n, seed + 4, "heldout")
-    first_query = scenes.query_start(0) + 1  # a prompt word: it cannot see the scene before the bottleneck
-    sites = {"bottleneck": (layer, SEP_POS), "sep_one_layer_earlier": (layer - 1, SEP_POS),
+    world = world_of(model)
+    train = world.sample_batch(n_train, seed + 2, "train")
+    test = world.sample_batch(n, seed + 3, "test")
+    held = world.sample_batch(n, seed + 4, "heldout")
+    first_query = world.query_start(0) + 1  # a prompt word: it cannot see the scene before the bottleneck
+    sep = world.sep_pos
+    sites = {"bottleneck": (layer, sep), "sep_one_layer_earlier": (layer - 1, sep),
              "query_at_bottleneck_layer": (layer, first_query)}
     out = {}
     for site, (l, pos) in sites.items():
@@ -138,7 +145,7 @@ def _probes(model, layer: int, n: int, seed: int, n_train: int) -> dict:
             res = out[site][kind] = {}
             for a, attr in enumerate(scenes.ATTRIBUTES):
                 k = len(scenes.FAMILIES[attr])
-                for s in range(scenes.MAX_OBJECTS):
+                for s in range(world.max_objects):
                     tr, te = train.attributes[:, s, a] >= 0, test.attributes[:, s, a] >= 0
                     res[f"{attr}@slot{s}"] = probe(feats["train"][tr], train.attributes[tr, s, a],
                                                    feats["test"][te], test.attributes[te, s, a], k)
@@ -147,7 +154,7 @@ def _probes(model, layer: int, n: int, seed: int, n_train: int) -> dict:
                     slot = held.slots[:, 0]
                     ys = held.attributes[torch.arange(len(held)), slot, a]
                     accs = []
-                    for s in range(scenes.MAX_OBJECTS):
+                    for s in range(world.max_objects):
                         tr, sel = train.attributes[:, s, a] >= 0, slot == s
                         if sel.any():
                             accs.append((probe(feats["train"][tr], train.attributes[tr, s, a],
@@ -166,8 +173,10 @@ def _lr_at(step: int, cfg: ScenesModelConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train_scenes_model(cfg: ScenesModelConfig, device="cpu", log_every: int = 100, eval_every: int = 500):
-    """Train from scratch on freshly sampled "train" scenes; returns the model (eval mode)."""
+def train_scenes_model(cfg: ScenesModelConfig, device="cpu", log_every: int = 100, eval_every: int = 500,
+                       progress: bool = True):
+    """Train from scratch on freshly sampled "train" scenes of cfg.world; returns the model (eval mode)."""
+    world = cfg.world
     torch.manual_seed(cfg.seed)
     model = build_scenes_model(cfg, device)
     if cfg.act_fn != "gelu":
@@ -177,11 +186,11 @@ def train_scenes_model(cfg: ScenesModelConfig, device="cpu", log_every: int = 10
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
-    bar = tqdm(range(cfg.steps), desc="scenes model", mininterval=2)
+    bar = tqdm(range(cfg.steps), desc="scenes model", mininterval=2, disable=not progress, leave=False)
     ema = None
-    watch = {split: scenes.sample_batch(300, seed=-1, split=split) for split in ("test", "heldout")}
+    watch = {split: world.sample_batch(300, seed=-1, split=split) for split in ("test", "heldout")}
     for step in bar:
-        batch = scenes.sample_batch(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train")
+        batch = world.sample_batch(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train")
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         logits = reference_logits(dict(model.named_parameters()), batch.tokens.to(device), cfg)
@@ -196,14 +205,14 @@ def train_scenes_model(cfg: ScenesModelConfig, device="cpu", log_every: int = 10
         if step % log_every == 0 or step == cfg.steps - 1:
             acc = (logits.argmax(-1).cpu() == batch.answers).float().mean().item()
             bar.set_postfix(loss=f"{ema:.3f}", batch_acc=f"{acc:.3f}")
-        if (step + 1) % eval_every == 0:
+        if eval_every and (step + 1) % eval_every == 0:
             for split, b in watch.items():
                 r = task_accuracy(model, b)
                 tqdm.write(f"step {step + 1} {split:8s} acc {r['accuracy']:.3f} | "
                            + " ".join(f"{k} {r[k]:.2f}" for k in KIND_NAMES))
     model.eval()
     with torch.no_grad():  # the training forward must be the TL model's function, restriction included
-        tokens = scenes.generate_tokens(64, seed=cfg.seed, split="test").to(device)
+        tokens = world.generate_tokens(64, seed=cfg.seed, split="test").to(device)
         diff = (reference_logits(dict(model.named_parameters()), tokens, cfg) - model(tokens)).abs().max().item()
     if diff > 1e-3:
         raise RuntimeError(f"training forward and transformer-lens forward disagree (max |diff| {diff:.2e})")
@@ -212,11 +221,11 @@ def train_scenes_model(cfg: ScenesModelConfig, device="cpu", log_every: int = 10
 
 def measure(model, cfg: ScenesModelConfig) -> dict:
     """Accuracies on fresh scenes: held-out scenes ("test") and held-out conjunctions ("heldout")."""
-    seed = 10_000 + cfg.seed
+    seed, world = 10_000 + cfg.seed, cfg.world
     return {
-        "test": task_accuracy(model, scenes.sample_batch(cfg.eval_scenes, seed, "test")),
-        "heldout_conjunctions": task_accuracy(model, scenes.sample_batch(cfg.eval_scenes, seed, "heldout")),
-        "train": task_accuracy(model, scenes.sample_batch(cfg.eval_scenes, seed, "train")),
+        "test": task_accuracy(model, world.sample_batch(cfg.eval_scenes, seed, "test")),
+        "heldout_conjunctions": task_accuracy(model, world.sample_batch(cfg.eval_scenes, seed, "heldout")),
+        "train": task_accuracy(model, world.sample_batch(cfg.eval_scenes, seed, "train")),
         "eval_seed": seed, "eval_scenes": cfg.eval_scenes,
     }
 
@@ -231,13 +240,14 @@ def save_scenes_model(model, meta: dict, weights: Path = WEIGHTS_PATH) -> None:
 
 
 def _metadata(cfg: ScenesModelConfig, model, seconds: float, command: str) -> dict:
+    world = cfg.world
     return {
         "model_id": SCENES_MODEL_ID,
         "config": asdict(cfg),
-        "layout": {"n_ctx": N_CTX, "sep_position": SEP_POS, "bottleneck_layer": cfg.bottleneck_layer,
+        "layout": {"n_ctx": world.n_ctx, "sep_position": world.sep_pos, "bottleneck_layer": cfg.bottleneck_layer,
                    "bottleneck_hook": f"blocks.{cfg.bottleneck_layer}.hook_resid_post",
-                   "n_queries": scenes.N_QUERIES, "query_len": scenes.QUERY_LEN, "max_objects": scenes.MAX_OBJECTS},
-        "vocab": TOKENIZER.vocab,
+                   "n_queries": scenes.N_QUERIES, "query_len": scenes.QUERY_LEN, "max_objects": world.max_objects},
+        "vocab": list(world.vocab),
         "heldout_conjunctions": sorted(scenes.HELDOUT_CONJUNCTIONS),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "training": {"command": command, "seconds": round(seconds, 1), "torch": torch.__version__,

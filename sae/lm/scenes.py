@@ -39,6 +39,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -59,6 +60,9 @@ HELDOUT_CONJUNCTIONS = frozenset({
 })
 
 ORDINALS = ("first", "second", "third")  # an object's slot, i.e. its place in the sentence
+# Ordinals for worlds with more objects; appended to the vocabulary only when a world needs them,
+# so the default world's vocabulary (and the shipped model's embedding) is unchanged.
+MORE_ORDINALS = ("fourth", "fifth")
 
 # query kind -> (prompt template, what the query names the object by, attribute asked)
 QUERY_KINDS = {
@@ -71,6 +75,12 @@ QUERY_KINDS = {
     "material_by_slot": ("the {slot} one is made of", "slot", "material"),
 }
 KIND_NAMES = tuple(QUERY_KINDS)
+# Query mixes: "slot" queries name an object by its place in the sentence (the answer is one
+# attribute stored per slot: no attribute-to-attribute matching); "attribute" queries name it by
+# another attribute, so colour and shape must be bound to each other.
+QUERY_MIXES = {"all": KIND_NAMES,
+               "slot": tuple(k for k in KIND_NAMES if QUERY_KINDS[k][1] == "slot"),
+               "attribute": tuple(k for k in KIND_NAMES if QUERY_KINDS[k][1] != "slot")}
 
 SPECIAL = ("<pad>", "<bos>", ".")
 FUNCTION_WORDS = ("the", "is", "a", "one", "made", "of")
@@ -90,19 +100,19 @@ TEST_BUCKETS = 10  # 1 in 10 scene contents is kept out of "train" for the "test
 
 
 def query_start(j: int) -> int:
-    """First position of query block j."""
-    return SEP_POS + 1 + j * QUERY_LEN
+    """First position of query block j (default world)."""
+    return DEFAULT_WORLD.query_start(j)
 
 
 def object_positions(slot: int) -> range:
-    """Positions of the colour, material and shape words of the object in `slot`."""
-    return range(1 + OBJ_LEN * slot, 1 + OBJ_LEN * slot + len(ATTRIBUTES))
+    """Positions of the colour, material and shape words of the object in `slot` (default world)."""
+    return DEFAULT_WORLD.object_positions(slot)
 
 
 def segment_ids() -> list[int]:
-    """Per position: 0 = <bos>, 1 = scene, 2 = separator, 3 + j = query block j.
+    """Per position: 0 = <bos>, 1 = scene, 2 = separator, 3 + j = query block j (default world).
     The model's attention restriction is written in these terms."""
-    return [0] + [1] * SCENE_LEN + [2] + [3 + j for j in range(N_QUERIES) for _ in range(QUERY_LEN)]
+    return DEFAULT_WORLD.segment_ids()
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -140,6 +150,86 @@ class ScenesTokenizer:
 
 TOKENIZER = ScenesTokenizer()
 
+# ----------------------------------------------------------------------------- worlds
+
+
+@dataclass(frozen=True)
+class World:
+    """What may vary between scenes worlds: how many objects a scene holds and which queries are
+    asked. Everything else (words per object, relation filler, query blocks, held-out
+    conjunctions) is shared. World() is the default world: the module constants above, the
+    vocabulary VOCAB and the shipped model's layout, bit for bit. A world with more than three
+    objects appends the ordinals it needs to the vocabulary; its layout grows by OBJ_LEN per object."""
+
+    max_objects: int = MAX_OBJECTS
+    min_objects: int = MIN_OBJECTS
+    query_mix: str = "all"  # a key of QUERY_MIXES
+
+    def __post_init__(self):
+        top = len(ORDINALS + MORE_ORDINALS)
+        if not 2 <= self.min_objects <= self.max_objects <= top:
+            raise ValueError(f"objects per scene must satisfy 2 <= min_objects <= max_objects <= {top}, "
+                             f"got {self.min_objects}..{self.max_objects}")
+        if self.query_mix not in QUERY_MIXES:
+            raise ValueError(f"unknown query mix {self.query_mix!r}: expected one of {', '.join(QUERY_MIXES)}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return QUERY_MIXES[self.query_mix]
+
+    @property
+    def scene_len(self) -> int:
+        return self.max_objects * OBJ_LEN - 1  # no relation after the last object
+
+    @property
+    def sep_pos(self) -> int:
+        return 1 + self.scene_len
+
+    @property
+    def n_ctx(self) -> int:
+        return self.sep_pos + 1 + N_QUERIES * QUERY_LEN
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        return VOCAB + MORE_ORDINALS[: max(0, self.max_objects - len(ORDINALS))]
+
+    @cached_property
+    def tokenizer(self) -> ScenesTokenizer:
+        return TOKENIZER if self.vocab == VOCAB else ScenesTokenizer(self.vocab)
+
+    def query_start(self, j: int) -> int:
+        """First position of query block j."""
+        return self.sep_pos + 1 + j * QUERY_LEN
+
+    def object_positions(self, slot: int) -> range:
+        """Positions of the colour, material and shape words of the object in `slot`."""
+        return range(1 + OBJ_LEN * slot, 1 + OBJ_LEN * slot + len(ATTRIBUTES))
+
+    def segment_ids(self) -> list[int]:
+        """Per position: 0 = <bos>, 1 = scene, 2 = separator, 3 + j = query block j."""
+        return [0] + [1] * self.scene_len + [2] + [3 + j for j in range(N_QUERIES) for _ in range(QUERY_LEN)]
+
+    def sample_scenes(self, n: int, seed: int, split: str = "train") -> list["Scene"]:
+        """n scenes of `split`, a pure function of (world, n, seed, split)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"scenes/{split}/{seed}")
+        return [sample_scene(rng, split, self) for _ in range(n)]
+
+    def sample_batch(self, n: int, seed: int, split: str = "train") -> "SceneBatch":
+        return encode_scenes(self.sample_scenes(n, seed, split), self)
+
+    def generate_tokens(self, n_sequences: int, seed: int, split: str = "train") -> torch.LongTensor:
+        return self.sample_batch(n_sequences, seed, split).tokens
+
+    def describe(self) -> dict:
+        """The layout as recorded beside a model's weights."""
+        return {"max_objects": self.max_objects, "min_objects": self.min_objects, "query_mix": self.query_mix,
+                "kinds": list(self.kinds), "n_ctx": self.n_ctx, "sep_position": self.sep_pos}
+
+
+DEFAULT_WORLD = World()
+
 # ----------------------------------------------------------------------------- scenes
 
 
@@ -167,26 +257,32 @@ class Scene:
     relations: tuple[str, ...]  # len(objects) - 1 words
     queries: tuple[Query, ...]  # N_QUERIES of them
 
-    def words(self) -> list[str]:
-        """The N_CTX words of this scene's sequence, pads included."""
+    def words(self, world: "World | None" = None) -> list[str]:
+        """The n_ctx words of this scene's sequence in `world`'s layout (default: the default
+        world's N_CTX), pads included."""
+        world = world or DEFAULT_WORLD
         scene = []
         for s, obj in enumerate(self.objects):
             scene += obj.words() + ([self.relations[s]] if s < len(self.relations) else [])
-        words = ["<bos>"] + scene + ["<pad>"] * (SCENE_LEN - len(scene)) + ["."]
+        if len(scene) > world.scene_len:
+            raise ValueError(f"a scene of {len(self.objects)} objects does not fit a world of at most {world.max_objects}")
+        words = ["<bos>"] + scene + ["<pad>"] * (world.scene_len - len(scene)) + ["."]
         for q in self.queries:
             block = list(q.prompt) + [q.answer]
             words += block + ["<pad>"] * (QUERY_LEN - len(block))
-        assert len(words) == N_CTX
+        assert len(words) == world.n_ctx
         return words
 
     def __str__(self) -> str:
-        return " ".join(w for w in self.words() if w != "<pad>")
+        world = World(max_objects=max(MAX_OBJECTS, len(self.objects)))  # pads are dropped: any fitting layout
+        return " ".join(w for w in self.words(world) if w != "<pad>")
 
 
 def make_query(objects: tuple[SceneObject, ...], kind: str, slot: int) -> Query:
     template, by, asked = QUERY_KINDS[kind]
     obj = objects[slot]
-    prompt = template.format(**{by: ORDINALS[slot] if by == "slot" else getattr(obj, by)}).split()
+    ordinal = (ORDINALS + MORE_ORDINALS)[slot]
+    prompt = template.format(**{by: ordinal if by == "slot" else getattr(obj, by)}).split()
     return Query(kind=kind, slot=slot, prompt=tuple(prompt), answer=getattr(obj, asked))
 
 
@@ -205,7 +301,7 @@ def _random_objects(rng: random.Random, n: int) -> tuple[SceneObject, ...]:
     return tuple(SceneObject(c, rng.choice(MATERIALS), s) for c, s in zip(colours, shapes))
 
 
-def sample_scene(rng: random.Random, split: str = "train") -> Scene:
+def sample_scene(rng: random.Random, split: str = "train", world: World | None = None) -> Scene:
     """One scene of `split`:
     train    no held-out conjunction, scene contents outside the test bucket
     test     no held-out conjunction, scene contents inside the test bucket (unseen scenes)
@@ -213,7 +309,8 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
-    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    world = world or DEFAULT_WORLD
+    n = rng.randint(world.min_objects, world.max_objects)
     while True:  # rejection sampling; accepts about 2 in 3 draws
         objects = _random_objects(rng, n)
         held = [s for s, o in enumerate(objects) if (o.colour, o.shape) in HELDOUT_CONJUNCTIONS]
@@ -224,16 +321,13 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
             break
     relations = tuple(rng.choice(RELATIONS) for _ in range(n - 1))
     slots = held * N_QUERIES if split == "heldout" else [rng.randrange(n) for _ in range(N_QUERIES)]
-    queries = tuple(make_query(objects, rng.choice(KIND_NAMES), s) for s in slots)
+    queries = tuple(make_query(objects, rng.choice(world.kinds), s) for s in slots)
     return Scene(objects, relations, queries)
 
 
 def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
-    """n scenes of `split`, a pure function of (n, seed, split)."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"scenes/{split}/{seed}")
-    return [sample_scene(rng, split) for _ in range(n)]
+    """n scenes of `split` (default world), a pure function of (n, seed, split)."""
+    return DEFAULT_WORLD.sample_scenes(n, seed, split)
 
 
 @dataclass
@@ -246,24 +340,25 @@ class SceneBatch:
     answers: torch.Tensor  # (N, N_QUERIES) long, token ids
     kinds: torch.Tensor  # (N, N_QUERIES) long, index into KIND_NAMES
     slots: torch.Tensor  # (N, N_QUERIES) long, object asked about
-    attributes: torch.Tensor  # (N, MAX_OBJECTS, 3) long, value index in its family (ATTRIBUTES order), -1 if no object
+    attributes: torch.Tensor  # (N, max_objects, 3) long, value index in its family (ATTRIBUTES order), -1 if no object
     n_objects: torch.Tensor  # (N,) long
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
 
-def encode_scenes(scenes: list[Scene]) -> SceneBatch:
-    n, w2i = len(scenes), TOKENIZER.word_to_id
-    tokens = torch.tensor([[w2i[w] for w in sc.words()] for sc in scenes], dtype=torch.long).reshape(n, N_CTX)
-    queries = [[(query_start(j) + len(q.prompt), KIND_NAMES.index(q.kind), q.slot) for j, q in enumerate(sc.queries)]
+def encode_scenes(scenes: list[Scene], world: World | None = None) -> SceneBatch:
+    world = world or DEFAULT_WORLD
+    n, w2i, n_obj = len(scenes), world.tokenizer.word_to_id, world.max_objects
+    tokens = torch.tensor([[w2i[w] for w in sc.words(world)] for sc in scenes], dtype=torch.long).reshape(n, world.n_ctx)
+    queries = [[(world.query_start(j) + len(q.prompt), KIND_NAMES.index(q.kind), q.slot) for j, q in enumerate(sc.queries)]
                for sc in scenes]
     queries = torch.tensor(queries, dtype=torch.long).reshape(n, N_QUERIES, 3)
     no_object = [[-1] * len(ATTRIBUTES)]
     attributes = torch.tensor(
         [[[FAMILIES[a].index(getattr(o, a)) for a in ATTRIBUTES] for o in sc.objects]
-         + no_object * (MAX_OBJECTS - len(sc.objects)) for sc in scenes], dtype=torch.long,
-    ).reshape(n, MAX_OBJECTS, len(ATTRIBUTES))
+         + no_object * (n_obj - len(sc.objects)) for sc in scenes], dtype=torch.long,
+    ).reshape(n, n_obj, len(ATTRIBUTES))
     answer_pos = queries[..., 0]
     return SceneBatch(
         tokens=tokens, answer_pos=answer_pos, answers=tokens.gather(1, answer_pos), kinds=queries[..., 1],

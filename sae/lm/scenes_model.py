@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from sae.lm.hooked import build_model, tl_major
 from sae.lm import scenes
-from sae.lm.scenes import KIND_NAMES, N_CTX, SEP_POS, TOKENIZER, SceneBatch
+from sae.lm.scenes import DEFAULT_WORLD, KIND_NAMES, SEP_POS, SceneBatch, World
 
 
 @dataclass
@@ -54,6 +54,14 @@ class ScenesModelConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 200
     eval_scenes: int = 2000  # per split, for the accuracies recorded with the weights
+    # the world (sae/lm/scenes.py World); the defaults are the shipped model's
+    max_objects: int = 3
+    query_mix: str = "all"
+
+    @property
+    def world(self) -> World:
+        return World(max_objects=self.max_objects, min_objects=min(scenes.MIN_OBJECTS, self.max_objects),
+                     query_mix=self.query_mix)
 
 
 SCENES_MODEL_ID = "scenes"
@@ -67,12 +75,13 @@ BOTTLENECK_HOOK = f"blocks.{BOTTLENECK_LAYER}.hook_resid_post"
 # ----------------------------------------------------------------------------- the restriction
 
 
-def attention_allowed(n_layers: int, bottleneck_layer: int) -> torch.Tensor:
-    """(n_layers, N_CTX, N_CTX) bool, True where query position q may attend to key position k."""
-    seg = torch.tensor(scenes.segment_ids())
+def attention_allowed(n_layers: int, bottleneck_layer: int, world: World = DEFAULT_WORLD) -> torch.Tensor:
+    """(n_layers, n_ctx, n_ctx) bool, True where query position q may attend to key position k."""
+    seg = torch.tensor(world.segment_ids())
+    n_ctx = len(seg)
     q, k = seg[:, None], seg[None, :]
     BOS, SEP, FIRST_QUERY = 0, 2, 3
-    causal = torch.ones(N_CTX, N_CTX, dtype=torch.bool).tril()
+    causal = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
     own_block = q == k
     early = causal & ((q < FIRST_QUERY) | (k == BOS) | own_block)
     late = causal & ((q < SEP) | (k == BOS) | (k == SEP) | own_block)
@@ -87,8 +96,8 @@ class _RestrictScores:
 
     def __call__(self, scores: torch.Tensor, hook=None) -> torch.Tensor:
         nq, nk = scores.shape[-2:]  # nq < nk only with a KV cache: queries are the last nq positions
-        if nk > N_CTX:
-            raise ValueError(f"the scenes model takes at most {N_CTX} positions, got {nk}")
+        if nk > self.allowed.shape[-1]:
+            raise ValueError(f"the scenes model takes at most {self.allowed.shape[-1]} positions, got {nk}")
         allowed = self.allowed[nk - nq : nk, :nk].to(scores.device)
         return scores.masked_fill(~allowed, float("-inf"))
 
@@ -101,11 +110,14 @@ def build_scenes_model(cfg: ScenesModelConfig, device="cpu", state_dict=None):
     (TL 3.x only: training reads HookedTransformer parameter names, so TL 4.x only loads weights)."""
     if state_dict is None and tl_major() >= 4:
         raise RuntimeError("training the scenes model needs transformer-lens 3.x (HookedTransformer)")
+    world = cfg.world
     tl_cfg = dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_model // cfg.n_heads,
-                  d_mlp=cfg.d_mlp, d_vocab=len(TOKENIZER), n_ctx=N_CTX, act_fn=cfg.act_fn,
+                  d_mlp=cfg.d_mlp, d_vocab=len(world.tokenizer), n_ctx=world.n_ctx, act_fn=cfg.act_fn,
                   normalization_type="LN", seed=cfg.seed, model_name=SCENES_MODEL_ID)
     model = build_model(tl_cfg, state_dict, device)
-    allowed = attention_allowed(cfg.n_layers, cfg.bottleneck_layer)
+    allowed = attention_allowed(cfg.n_layers, cfg.bottleneck_layer, world)
+    # what world_of / hook_of read: the layout and the bottleneck its evaluation must use
+    model.scenes_world, model.scenes_hook = world, f"blocks.{cfg.bottleneck_layer}.hook_resid_post"
     if tl_major() < 4:
         for l in range(cfg.n_layers):
             model.add_hook(f"blocks.{l}.attn.hook_attn_scores", _RestrictScores(allowed[l]), is_permanent=True)
@@ -115,6 +127,16 @@ def build_scenes_model(cfg: ScenesModelConfig, device="cpu", state_dict=None):
         for l, layer in enumerate(model.original_model.layers):
             layer.attn.causal_mask = (~allowed[l]).to(layer.attn.causal_mask.device)
     return model
+
+
+def world_of(model) -> World:
+    """The world a scenes model was built for (the default world for models built elsewhere)."""
+    return getattr(model, "scenes_world", DEFAULT_WORLD)
+
+
+def hook_of(model) -> str:
+    """The hook whose separator residual carries the scene to the queries."""
+    return getattr(model, "scenes_hook", BOTTLENECK_HOOK)
 
 
 def load_scenes_metadata(path: Path | str = META_PATH) -> dict:
@@ -131,7 +153,7 @@ def load_scenes_model(device="cpu", weights: Path | str = WEIGHTS_PATH):
     meta = load_scenes_metadata(weights.with_suffix(".json"))
     names = {f.name for f in fields(ScenesModelConfig)}
     cfg = ScenesModelConfig(**{k: v for k, v in meta["config"].items() if k in names})
-    if meta["vocab"] != TOKENIZER.vocab or meta["layout"]["n_ctx"] != N_CTX:
+    if meta["vocab"] != list(cfg.world.vocab) or meta["layout"]["n_ctx"] != cfg.world.n_ctx:
         raise ValueError(f"{weights} was trained on a different scenes vocabulary or layout than sae/scenes.py")
     model = build_scenes_model(cfg, device, load_file(str(weights), device="cpu"))
     model.eval()
@@ -171,12 +193,12 @@ def slice_batch(batch: SceneBatch, idx) -> SceneBatch:
     return SceneBatch(**{f.name: getattr(batch, f.name)[idx] for f in fields(SceneBatch)})
 
 
-def patch_sep(value: torch.Tensor):
-    """A forward hook that overwrites the bottleneck residual at SEP_POS with `value` (N, d_model)."""
+def patch_sep(value: torch.Tensor, pos: int = SEP_POS):
+    """A forward hook that overwrites the bottleneck residual at `pos` (the separator) with `value` (N, d_model)."""
 
     def hook(resid, hook=None):
         resid = resid.clone()
-        resid[:, SEP_POS] = value.to(resid.device, resid.dtype)
+        resid[:, pos] = value.to(resid.device, resid.dtype)
         return resid
 
     return hook
@@ -184,10 +206,10 @@ def patch_sep(value: torch.Tensor):
 
 @torch.no_grad()
 def bottleneck_residual(model, tokens: torch.Tensor, layer: int = BOTTLENECK_LAYER) -> torch.Tensor:
-    """(N, d_model) residual at SEP_POS after block `layer`."""
+    """(N, d_model) residual at the separator after block `layer`."""
     name = f"blocks.{layer}.hook_resid_post"
     _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n == name)
-    return cache[name][:, SEP_POS].cpu()
+    return cache[name][:, world_of(model).sep_pos].cpu()
 
 
 def reference_logits(params: dict, tokens: torch.Tensor, cfg: ScenesModelConfig) -> torch.Tensor:
@@ -195,7 +217,7 @@ def reference_logits(params: dict, tokens: torch.Tensor, cfg: ScenesModelConfig)
     safetensors, or dict(model.named_parameters())), restriction included. Training uses it because
     TL 3.x's general forward (einsums, hooks) costs ~2x more per step on 2 CPU cores; tests use it
     as a TL-free reference that both TL versions must match."""
-    allowed = attention_allowed(cfg.n_layers, cfg.bottleneck_layer).to(tokens.device)
+    allowed = attention_allowed(cfg.n_layers, cfg.bottleneck_layer, cfg.world).to(tokens.device)
     T, H, eps = tokens.shape[1], cfg.n_heads, 1e-5
     P = lambda name: params[name]  # noqa: E731
     x = P("embed.W_E")[tokens] + P("pos_embed.W_pos")[:T]
