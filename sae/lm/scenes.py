@@ -209,14 +209,14 @@ class World:
         """Per position: 0 = <bos>, 1 = scene, 2 = separator, 3 + j = query block j."""
         return [0] + [1] * self.scene_len + [2] + [3 + j for j in range(N_QUERIES) for _ in range(QUERY_LEN)]
 
-    def sample_scenes(self, n: int, seed: int, split: str = "train") -> list["Scene"]:
+    def sample_scenes(self, n: int, seed: int, split: str = "train") -> list[Scene]:
         """n scenes of `split`, a pure function of (world, n, seed, split)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         rng = random.Random(f"scenes/{split}/{seed}")
         return [sample_scene(rng, split, self) for _ in range(n)]
 
-    def sample_batch(self, n: int, seed: int, split: str = "train") -> "SceneBatch":
+    def sample_batch(self, n: int, seed: int, split: str = "train") -> SceneBatch:
         return encode_scenes(self.sample_scenes(n, seed, split), self)
 
     def generate_tokens(self, n_sequences: int, seed: int, split: str = "train") -> torch.LongTensor:
@@ -257,7 +257,7 @@ class Scene:
     relations: tuple[str, ...]  # len(objects) - 1 words
     queries: tuple[Query, ...]  # N_QUERIES of them
 
-    def words(self, world: "World | None" = None) -> list[str]:
+    def words(self, world: World | None = None) -> list[str]:
         """The n_ctx words of this scene's sequence in `world`'s layout (default: the default
         world's N_CTX), pads included."""
         world = world or DEFAULT_WORLD
