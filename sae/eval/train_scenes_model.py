@@ -239,7 +239,7 @@ def save_scenes_model(model, meta: dict, weights: Path = WEIGHTS_PATH) -> None:
     write_json(weights.with_suffix(".json"), meta)
 
 
-def _metadata(cfg: ScenesModelConfig, model, seconds: float, command: str) -> dict:
+def model_metadata(cfg: ScenesModelConfig, model, seconds: float, command: str) -> dict:
     world = cfg.world
     return {
         "model_id": SCENES_MODEL_ID,
@@ -274,7 +274,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         model = train_scenes_model(cfg)
         seconds = time.time() - t0
-        meta = _metadata(cfg, model, seconds, command)
+        meta = model_metadata(cfg, model, seconds, command)
         meta["accuracy"] = measure(model, cfg)
         meta["bottleneck"] = bottleneck_report(model, cfg.bottleneck_layer)
         save_scenes_model(model, meta, args.out)
