@@ -105,7 +105,8 @@ def test_family_table_json_and_picture(family_run):
     table = (family_run / "table.md").read_text()
     for column in ("accuracy: unseen / held-out conj.", "patch identity max Δlogit", "mean-ablated acc.",
                    "probes, unseen scenes: linear / MLP", "slot 3: colour · material · shape, linear / MLP",
-                   "echo pairs (transfer cos)", "binding recipe: pairs, fallback, tie cost, slot usage",
+                   "echo pairs (transfer cos)", "(object, colour) latents: distinct",
+                   "binding recipe: pairs, fallback, tie cost, slot usage",
                    "swap: codes differ TopK / binding", "recolour flip / specificity"):
         assert column in table, column
     assert "t16-obj2" in table and "t16-obj4" in table and "not run yet" not in table

@@ -371,21 +371,23 @@ def slots_table(rows: list[dict]) -> list[str]:
 
 
 def saes_table(rows: list[dict]) -> list[str]:
-    header = ("| model | TopK FVU / answers spliced | echo pairs (transfer cos) | binding recipe: pairs, fallback, "
+    header = ("| model | TopK FVU / answers spliced | TopK (object, colour) latents: distinct, shared by objects "
+              "0 and 1 | echo pairs (transfer cos) | binding recipe: pairs, fallback, "
               "tie cost, slot usage | binding result FVU / answers | swap: codes differ TopK / binding | swap: both "
               "right TopK / binding | recolour flip / specificity: true residual · TopK (data) · binding | swap edit: "
               "binding |")
-    lines = [header, "|---" * 9 + "|"]
+    lines = [header, "|---" * 10 + "|"]
     for r in rows:
         t, b, te, be = (r.get(k) for k in ("topk", "binding", "topk_eval", "binding_eval"))
         if not (t and b and te and be):
-            lines.append(f"| {r['name']} | " + " | ".join(["(not run yet)"] + [""] * 7) + " |")
+            lines.append(f"| {r['name']} | " + " | ".join(["(not run yet)"] + [""] * 8) + " |")
             continue
         echo = te.get("echo", {})
         rb = f"{b.get('rebind_pairs', 0)}, {b.get('rebind_fallback')}, {_f(b.get('tie_cost'), 3)}, {_f(b.get('slot_usage'))}"
-        cond = _binding_cond(be)
+        cond, lk = _binding_cond(be), te["latent_lookup"]["data"]
         lines.append(
             f"| {r['name']} | {_f(te['reconstruction']['fvu'], 3)} / {_f(te['reconstruction']['acc_sae'])} | "
+            f"{lk['distinct_latents']} of {len(lk['latents']) * len(lk['latents'][0])}, {_f(lk['shared_across_objects'])} | "
             f"{echo.get('pairs', '—')} ({_f(echo.get('transfer_cos'))}) | {rb} | {_f(be['reconstruction']['fvu'], 3)} / "
             f"{_f(be['reconstruction']['acc_sae'])} | {_f(te['swap']['codes_differ'])} / {_f(be['swap']['codes_differ'])} | "
             f"{_f(te['swap']['sae']['both_right'])} / {_f(be['swap']['sae']['both_right'])} | "
