@@ -102,3 +102,40 @@ def test_too_wide_to_validate_a_match_trains_plainly(tmp_path, monkeypatch):
     assert saved.architecture == result.model.architecture == "topk" and saved.cfg.n_latents == 600
     # the BindingSAE passed in holds its most-used rows as a bag: slot 1 only, M_s = I
     assert torch.allclose(model.slot_transforms[1], torch.eye(200))
+
+
+def _activity(n_samples, n_latents, exclusive, g):
+    """Independent firing at rate 0.2, except that each pair in `exclusive` never fires together."""
+    active = torch.rand(n_samples, n_latents, generator=g) < 0.2
+    for i, j in exclusive:
+        both = active[:, i] & active[:, j]
+        active[both, j] = False
+    return active
+
+
+@pytest.mark.parametrize("own", [0, 1])
+def test_unpaired_rows_go_to_the_slot_they_are_exclusive_in(own):
+    # 6 atoms with a row in each of 2 slots (rows 0-5 slot 1, 6-11 slot 2) and 3 unpaired rows
+    # (12-14), each exclusive with two atoms' rows of one slot (its attribute's other values)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.stack([torch.arange(6), torch.arange(6, 12)], 1)
+    slots = sae.recipes.binding.Slots(rows, torch.eye(4).expand(2, 4, 4).clone(), torch.arange(12, 15))
+    pairs = [(e, int(rows[a, own])) for e in range(12, 15) for a in ((e - 12) * 2, (e - 12) * 2 + 1)]
+    active = _activity(20000, 15, pairs, g)
+    assert sae.recipes.binding.extras_slot(active, slots) == own
+
+
+def test_reframe_keeps_every_row_where_it_was():
+    # slot 2 becomes D's frame: each atom's row in each slot must be predicted as before
+    g = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(3, 5, 5, generator=g)).Q
+    Q[0] = torch.eye(5)
+    rows = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    D = torch.randn(2, 5, generator=g)
+    before = torch.einsum("sij,aj->sai", Q, D)
+    new = sae.recipes.binding.reframe(sae.recipes.binding.Slots(rows, Q, torch.tensor([6])), 1)
+    assert new.rows.tolist() == [[1, 0, 2], [4, 3, 5]] and new.extras.tolist() == [6]
+    D_new = D @ Q[1].T                       # the atoms in slot 2's frame
+    after = torch.einsum("sij,aj->sai", new.maps, D_new)
+    assert torch.allclose(after, before[[1, 0, 2]], atol=1e-5)
+    assert torch.allclose(new.maps[0], torch.eye(5), atol=1e-5)

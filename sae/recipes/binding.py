@@ -61,7 +61,8 @@ MIN_USAGE = 1e-3  # latents firing on fewer tokens are dead: their rows only add
 MATCH_ROWS = 1024  # the search costs ~rows² per step (~20 s at 1,024 rows): wider dictionaries are not searched
 EXTEND_COS = 0.7  # once the maps are known, rows are placed where cos(M a, b) reaches this (or chance's level)
 TIE_MARGIN = (0.01, 0.1)  # rebound model kept if its FVU <= standard FVU + 0.01 + 10% of it
-SAMPLE_ROWS = 16384  # activations for usage, tie cost and slot usage
+SAMPLE_ROWS = 16384  # activations for usage, tie cost, slot usage and the extras' slot
+EXCLUSIVE = 0.1  # a row pair co-firing at most this share of its independent expectation never co-fires
 PHASE = "1-standard"
 
 
@@ -124,9 +125,12 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     flat = std.model
     x = _sample(data, options, seed).to(flat.b_dec.device)
     with torch.no_grad():
-        usage = (flat.encode(x) > 0).float().mean(0).cpu()
+        active = (flat.encode(x) > 0).cpu()
+    usage = active.float().mean(0)
     info = {"rebind_skipped": int(skipped)}
     found = None if skipped else find_slots(flat, usage, S, seed, info)
+    if found is not None:
+        found = reframe(found, extras_slot(active, found))
 
     if found is not None:
         info["rebind_atoms"] = found.n_atoms
@@ -278,6 +282,37 @@ def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: di
     extras = live[~torch.isin(live, rows[rows >= 0])]
     info["rebind_pairs"] = min(counts)
     return Slots(rows, M, extras)
+
+
+def extras_slot(active: torch.Tensor, slots: Slots) -> int:
+    """The slot that the rows with no partner (`slots.extras`) most likely come from, from which
+    rows they never fire with. One object holds one value of each attribute, so a latent is
+    exclusive with the other values of its attribute in its own slot, and only by chance in the
+    others: per slot, the co-activations expected under independence (E >= 2) that did not happen
+    (count <= EXCLUSIVE * E), summed over the extras and over the atoms with a row in every slot.
+    Without it the extras enter D in the search's source frame, which is arbitrary: on a world with
+    atoms held out of slot 2 they then sit in the wrong frame and M maps them astray (RESULTS.md §1)."""
+    complete = (slots.rows >= 0).all(1)
+    if not len(slots.extras) or not complete.any():
+        return 0
+    A = active.float()
+    f = A.mean(0)
+    together = A[:, slots.extras].T @ A
+    score = []
+    for s in range(slots.rows.shape[1]):
+        cols = slots.rows[complete, s]
+        expected = len(A) * f[slots.extras, None] * f[None, cols]
+        missing = (together[:, cols] <= EXCLUSIVE * expected) & (expected >= 2)
+        score.append((missing * expected).sum())
+    return int(torch.stack(score).argmax())
+
+
+def reframe(slots: Slots, t: int) -> Slots:
+    """The same placement with slot t as D's frame (slot 1): a' = M_t a, so M'_s = M_s M_t^T."""
+    if t == 0:
+        return slots
+    order = [t] + [s for s in range(slots.rows.shape[1]) if s != t]
+    return Slots(slots.rows[:, order], slots.maps[order] @ slots.maps[t].T, slots.extras)
 
 
 def _place(U, live, rows, maps, thr) -> torch.Tensor:
