@@ -87,8 +87,9 @@ def _knob(name, steps=2000, **kw):
     return ModelSpec(name, 64, 2, steps, sweep="knob", **kw)
 
 
-# Sized for ~1.5 h on one CPU thread (one step of batch 128: 0.05 s at d 32, 2 layers; 2.2 s at
-# d 512; d 32 reaches only ~51% in 2,000 steps): the widest models get few steps, and whether a
+# Sized for ~1.5 h on one CPU thread next to another job (one step of batch 128: 0.06 s at d 32,
+# 2 layers; 0.09 s at d 64; ~2.5 s at d 512; d 32 reaches only ~51% in 2,000 steps, 70% in 6,000;
+# d 64 99.5% in 6,000): the widest models get few steps, and whether a
 # model learned is measured, not assumed. The shipped model (d 64, 4 layers, 6,000 steps) is a member
 # for free. Order: cheap and informative first, so that a stopped run has the most to show.
 FAMILIES = {
@@ -98,8 +99,8 @@ FAMILIES = {
         _knob("w64-L2-obj2", 2500, max_objects=2), _knob("w64-L2-obj4", 2500, max_objects=4),
         _knob("w64-L2-slot", 2500, query_mix="slot"), _knob("w64-L2-attribute", 2500, query_mix="attribute"),
         _knob("w64-L2-short", 1000),
-        _width(128, 2, 3000), _width(256, 2, 900, lr=1.5e-3, n_eval=200),
-        _width(512, 2, 200, lr=1e-3, n_eval=150),
+        _width(128, 2, 2000), _width(256, 2, 600, lr=1.5e-3, n_eval=200),
+        _width(512, 2, 150, lr=1e-3, n_eval=150),
     ),
     # a smoke test: two models, a few dozen steps (tests/test_scene_family.py)
     "tiny": (ModelSpec("t16-obj2", 16, 2, 40, max_objects=2, n_eval=40),
