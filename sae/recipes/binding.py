@@ -63,6 +63,7 @@ EXTEND_COS = 0.7  # once the maps are known, rows are placed where cos(M a, b) r
 TIE_MARGIN = (0.01, 0.1)  # rebound model kept if its FVU <= standard FVU + 0.01 + 10% of it
 SAMPLE_ROWS = 16384  # activations for usage, tie cost, slot usage and the extras' slot
 EXCLUSIVE = 0.1  # a row pair co-firing at most this share of its independent expectation never co-fires
+REFRAME_MARGIN = 1.5  # the extras' slot must out-score every other slot by this factor to become D's frame
 PHASE = "1-standard"
 
 
@@ -291,7 +292,9 @@ def extras_slot(active: torch.Tensor, slots: Slots) -> int:
     others: per slot, the co-activations expected under independence (E >= 2) that did not happen
     (count <= EXCLUSIVE * E), summed over the extras and over the atoms with a row in every slot.
     Without it the extras enter D in the search's source frame, which is arbitrary: on a world with
-    atoms held out of slot 2 they then sit in the wrong frame and M maps them astray (RESULTS.md §1)."""
+    atoms held out of slot 2 they then sit in the wrong frame and M maps them astray (RESULTS.md §1).
+    Where no slot out-scores the others by REFRAME_MARGIN (extras spread over slots, as on 3-slot
+    worlds, where one frame cannot suit them all), slot 1 stays: 0 is returned."""
     complete = (slots.rows >= 0).all(1)
     if not len(slots.extras) or not complete.any():
         return 0
@@ -304,7 +307,9 @@ def extras_slot(active: torch.Tensor, slots: Slots) -> int:
         expected = len(A) * f[slots.extras, None] * f[None, cols]
         missing = (together[:, cols] <= EXCLUSIVE * expected) & (expected >= 2)
         score.append((missing * expected).sum())
-    return int(torch.stack(score).argmax())
+    score = torch.stack(score)
+    best, second = score.topk(2).values
+    return int(score.argmax()) if best >= REFRAME_MARGIN * second else 0
 
 
 def reframe(slots: Slots, t: int) -> Slots:
