@@ -14,8 +14,10 @@ Of the step budget T:
               unknown (`match_within`, the echo detector's search): one map between two slots and
               its pairs; the sources are one slot's rows, and every further slot is matched against
               them as a block (`match_blocks`). Then every live row is placed: rows of one atom in
-              different slots become one atom of D (in the first slot's frame), and rows with no
-              partner become atoms of their own, so the tied model starts where the standard one is.
+              different slots become one atom of D, and rows with no partner become atoms of their
+              own, so the tied model starts where the standard one is. D's frame is the slot those
+              unpartnered rows are exclusive in (one value per attribute per object), where one
+              slot clearly is (`extras_slot`), else the search's first slot.
   3. rebind   (the rest) the caller's model starts from that D, the fitted M_s and the standard
               SAE's encoder columns, and is trained.
 
