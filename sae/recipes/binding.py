@@ -136,10 +136,9 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     usage = active.float().mean(0)
     info = {"rebind_skipped": int(skipped)}
     found = None if skipped else find_slots(flat, usage, S, seed, info)
-    if found is not None:
-        found = reframe(found, extras_slot(active, found))
 
     if found is not None:
+        found = reframe(found, extras_slot(active, found))
         info["rebind_atoms"] = found.n_atoms
         carried = init_from_slots_(model, flat, found, usage)
         untied = _fvu(flat, x)
@@ -306,12 +305,13 @@ def extras_slot(active: torch.Tensor, slots: Slots) -> int:
         return 0
     A = active.float()
     f = A.mean(0)
-    together = A[:, slots.extras].T @ A
+    extras = A[:, slots.extras]
     score = []
     for s in range(slots.rows.shape[1]):
         cols = slots.rows[complete, s]
+        together = extras.T @ A[:, cols]  # co-activation counts with this slot's rows only
         expected = len(A) * f[slots.extras, None] * f[None, cols]
-        missing = (together[:, cols] <= EXCLUSIVE * expected) & (expected >= 2)
+        missing = (together <= EXCLUSIVE * expected) & (expected >= 2)
         score.append((missing * expected).sum())
     score = torch.stack(score)
     best, second = score.topk(2).values
