@@ -77,20 +77,27 @@ def fit_scene_probes(x: torch.Tensor, attributes: torch.Tensor, steps: int = 600
     # Sparse codes stay sparse: (x - mu)/sd @ W = (x/sd) @ W - (mu/sd) @ W.
     xs = (x / sd).to_sparse() if sparse else x / sd
     shift = mu / sd
+    _train_heads([W, b], lambda: (torch.sparse.mm(xs, W) if sparse else xs @ W) - shift @ W + b, lr,
+                 attributes, heads, offsets, steps)
+    W, b = W.detach(), b.detach()
+
+    return _head_predictor(lambda x_new: ((x_new.float()[:, keep] - mu) / sd) @ W + b, heads, offsets,
+                           attributes.shape[1])
+
+
+def _train_heads(params: list, logits_fn, lr: float, attributes, heads, offsets, steps: int) -> None:
+    """Full-batch Adam on the summed cross-entropy of every head over the rows that have its object
+    (logits_fn() -> (N, offsets[-1]) logits of all heads, head h in columns offsets[h]:offsets[h+1])."""
     present = [(attributes[:, s, a] >= 0) for s, a in heads]
-    opt = torch.optim.Adam([W, b], lr=lr)
+    opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            logits = (torch.sparse.mm(xs, W) if sparse else xs @ W) - shift @ W + b
+            logits = logits_fn()
             loss = sum(F.cross_entropy(logits[m, offsets[h]:offsets[h + 1]], attributes[m, s, a])
                        for h, ((s, a), m) in enumerate(zip(heads, present)) if m.any())
             opt.zero_grad()
             loss.backward()
             opt.step()
-    W, b = W.detach(), b.detach()
-
-    return _head_predictor(lambda x_new: ((x_new.float()[:, keep] - mu) / sd) @ W + b, heads, offsets,
-                           attributes.shape[1])
 
 
 def _head_predictor(logits_fn, heads, offsets, n_objects: int):
@@ -111,16 +118,7 @@ def _fit_mlp_heads(x, attributes, heads, offsets, keep, mu, sd, steps: int, hidd
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
                               torch.nn.Linear(hidden, offsets[-1]))
     xs = (x - mu) / sd
-    present = [(attributes[:, s, a] >= 0) for s, a in heads]
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    with torch.enable_grad():
-        for _ in range(steps):
-            logits = net(xs)
-            loss = sum(F.cross_entropy(logits[m, offsets[h]:offsets[h + 1]], attributes[m, s, a])
-                       for h, ((s, a), m) in enumerate(zip(heads, present)) if m.any())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _train_heads(list(net.parameters()), lambda: net(xs), 3e-3, attributes, heads, offsets, steps)
     net.eval()
     return _head_predictor(lambda x_new: net((x_new.float()[:, keep] - mu) / sd), heads, offsets,
                            attributes.shape[1])

@@ -75,7 +75,7 @@ from sae.core.config import argument, option, parse_config
 from sae.core.files import write_result
 from sae.core.io import load
 from sae.core.metrics import fvu
-from sae.eval.probes import fit_scene_probes
+from sae.eval.probes import fit_scene_probes, scene_heads
 from sae.lm import scenes
 from sae.lm.scenes import ATTRIBUTES, COLOURS, HELDOUT_CONJUNCTIONS, N_QUERIES, Scene, SceneObject
 from sae.lm.scenes_model import (BOTTLENECK_HOOK, hook_of, load_scenes_model, patch_sep, query_logits, slice_batch,
@@ -138,7 +138,7 @@ def probe_scores(predict_fn, test: tuple, held: tuple) -> dict:
     (x_test, b_test), (x_held, b_held) = test, held
     res = {"test": {}, "heldout_object": {}, "heldout_all": {}}
     pred, truth = predict_fn(x_test), b_test.attributes
-    for s, a in [(s, a) for s in range(truth.shape[1]) for a in range(len(ATTRIBUTES))]:
+    for s, a in scene_heads(truth.shape[1]):
         m = truth[:, s, a] >= 0
         res["test"][f"{ATTRIBUTES[a]}@{s}"] = (pred[m, s, a] == truth[m, s, a]).float().mean().item()
     res["test_mean"] = sum(res["test"].values()) / len(res["test"])
