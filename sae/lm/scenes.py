@@ -368,10 +368,10 @@ def encode_scenes(scenes: list[Scene], world: World | None = None) -> SceneBatch
 
 
 def sample_batch(n: int, seed: int, split: str = "train") -> SceneBatch:
-    return encode_scenes(sample_scenes(n, seed, split))
+    return DEFAULT_WORLD.sample_batch(n, seed, split)
 
 
 def generate_tokens(n_sequences: int, seed: int, split: str = "train") -> torch.LongTensor:
     """(n_sequences, N_CTX) token ids, <bos> at position 0; PAD (TOKENIZER.pad_token_id) marks
     positions that carry nothing. The binding of the whole scene is at SEP_POS."""
-    return sample_batch(n_sequences, seed, split).tokens
+    return DEFAULT_WORLD.generate_tokens(n_sequences, seed, split)
