@@ -29,7 +29,6 @@ under MODELS_DIR (default OUT/models, kept out of git); OUT gets table.md, famil
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -44,13 +43,15 @@ from tqdm.auto import tqdm
 
 import sae
 from sae.core.config import option, parse_config
-from sae.core.files import make_dirs, save_safetensors, write_json, write_result, write_text
+from sae.core.files import make_dirs, save_safetensors, write_file, write_json, write_result, write_text
+from sae.core.io import read_json
 from sae.eval.echo import find_echoes
 from sae.eval.probes import fit_scene_probes
 from sae.eval.scenes_binding import evaluate_sae, probe_scores, sep_residuals
 from sae.eval.train_scenes_model import (bottleneck_report, measure, model_metadata, save_scenes_model,
                                          train_scenes_model)
 from sae.lm.scenes_model import ScenesModelConfig, load_scenes_metadata, load_scenes_model, world_of
+from sae.recipes.binding import MIN_USAGE
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,6 @@ def stage_file(folder: Path, stage: str) -> Path:
                      else f"{stage}.json")
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def run_train(spec: ModelSpec, cfg: FamilyConfig, folder: Path) -> None:
     mcfg = spec.model_config(cfg.seed, cfg.steps_scale)
     t0 = time.time()
@@ -234,7 +231,7 @@ def run_sae(kind: str, spec: ModelSpec, cfg: FamilyConfig, folder: Path, model) 
 def live_rows(m, x: torch.Tensor) -> torch.Tensor:
     """Latents that fire on at least 0.1% of the cache: dead rows only add chance structure."""
     with torch.no_grad():
-        return (m.encode(x) > 0).float().mean(0) > 1e-3
+        return (m.encode(x) > 0).float().mean(0) > MIN_USAGE
 
 
 def echo_summary(m, x: torch.Tensor) -> dict:
@@ -444,10 +441,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     b.set_title("shared slot map found")
     fig.tight_layout()
     make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a reader never sees half a picture
     plt.close(fig)
-    tmp.replace(path)  # atomic: a reader never sees half a picture
     return True
 
 
