@@ -95,3 +95,11 @@ def test_both_framings_find_the_same_pairs():
     assert found in (expected, {(j, i) for i, j in expected})
     T = echoes.transform if found == expected else echoes.transform.T
     assert torch.allclose(T, blocks.transform, atol=1e-4)   # one Procrustes fit on the same pairs
+
+
+def test_chance_null_is_not_the_data_seeds_stream():
+    # rows drawn from a generator seeded 0, as a synthetic world with seed 0 draws its atoms, and a
+    # null drawn for training seed 0: the null's directions must not be those same rows (it was ~1)
+    from sae.recipes.matching import chance_cos
+    U = unit(torch.randn(100, 64, generator=torch.Generator().manual_seed(0)))
+    assert chance_cos(U, torch.Generator().manual_seed(0), 0.0) < 0.6
