@@ -70,6 +70,7 @@ EXCLUSIVE = 0.1  # a row pair co-firing at most this share of its independent ex
 # holding most extras won 1.41-1.73-fold (w06, w15, w16), on the 3-slot w18, extras spread 16/19/17 over
 # its slots, 1.10-1.26-fold
 REFRAME_MARGIN = 1.3
+PLACE_ROUNDS = 8  # refit-and-place rounds at most; each places the rows the refitted maps now reach
 PHASE = "1-standard"
 
 
@@ -248,8 +249,12 @@ def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: di
     live = (usage > MIN_USAGE).nonzero().squeeze(1)
     live = live[usage[live].argsort(descending=True)[:MATCH_ROWS]].sort().values
     # as the echo detector: with the partition unknown, fewer than d pairs are within chance's reach
-    # (15-16 pairs in random 150- and 300-row dictionaries in d = 22 pass cross-validation)
-    need = max(MIN_PAIRS, d)
+    # (15-16 pairs in random 150- and 300-row dictionaries in d = 22 pass cross-validation). With three
+    # or more slots the first map may have fewer, down to what cross-validation needs (~2d/3): every
+    # further slot must then be found as a block against its sources, which chance does not do, and
+    # between two of four slots a world often has only ~d atoms to pair
+    validated = max(MIN_PAIRS, int(2 * d / 3) + 1)
+    need = max(MIN_PAIRS, d) if n_slots == 2 else validated
     info["rebind_pairs"] = 0
     if len(live) < 2 * need:
         return None
@@ -269,9 +274,8 @@ def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: di
         free = live[~torch.isin(live, rows[rows >= 0])]
         anchor = rows[rows[:, 0] >= 0, 0]
         # the partition is known here (slot 1's rows against the rest): a cross-validated map suffices
-        need_block = max(MIN_PAIRS, int(2 * d / 3) + 1)
-        res = match_blocks(U[anchor], U[free], MatchConfig(seed=seed)) if len(free) >= need_block else None
-        if res is None or len(res.pairs) < need_block:
+        res = match_blocks(U[anchor], U[free], MatchConfig(seed=seed)) if len(free) >= validated else None
+        if res is None or len(res.pairs) < validated:
             info["rebind_pairs"] = 0 if res is None else len(res.pairs)
             return None
         atom = (rows[:, 0][:, None] == anchor[res.pairs[:, 0]][None, :]).float().argmax(0)
@@ -279,15 +283,33 @@ def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: di
         maps.append(res.transform)
         rows = _place(U, live, rows, maps, thr)
         counts.append(int((rows[:, s] >= 0).sum()))
+    # Each map was fitted on the rows of atoms it shares with slot 1: with several slots fewer than d,
+    # so it is pinned only on their span and misplaces the other atoms' rows. Refit every map on all
+    # atoms with a row in its slot and another (generalised Procrustes), place again, and repeat
+    # while rows are placed: each round's atoms widen the span the maps are fitted on
     M = torch.stack(maps)
-    # every map refitted on all rows placed in its slot (through D's frame, slot 1's rows)
-    for s in range(1, n_slots):
-        both = (rows[:, 0] >= 0) & (rows[:, s] >= 0)
-        if both.sum() >= need:
-            M[s] = fit_map(U[rows[both, 0]], U[rows[both, s]])
+    for _ in range(PLACE_ROUNDS):
+        M = refit_maps(U, rows, M, validated)
+        placed = int((rows >= 0).sum())
+        rows = _place(U, live, rows, list(M), thr)
+        if int((rows >= 0).sum()) == placed:
+            break
     extras = live[~torch.isin(live, rows[rows >= 0])]
     info["rebind_pairs"] = min(counts)
     return Slots(rows, M, extras)
+
+
+def refit_maps(U: torch.Tensor, rows: torch.Tensor, M: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """M_s (s >= 2) refitted on the atoms with a row in slot s and in another slot, each atom seen
+    through its *other* slots' rows (so a map is not fitted to itself); slot 1 stays D's frame."""
+    M = M.clone()
+    for s in range(1, len(M)):
+        others = rows.clone()
+        others[:, s] = -1
+        has = (rows[:, s] >= 0) & (others >= 0).any(1)
+        if has.sum() >= min_rows:
+            M[s] = fit_map(_atoms(U, others[has], M), U[rows[has, s]])
+    return M
 
 
 def extras_slot(active: torch.Tensor, slots: Slots) -> int:
