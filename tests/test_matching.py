@@ -103,3 +103,15 @@ def test_chance_null_is_not_the_data_seeds_stream():
     from sae.recipes.matching import chance_cos
     U = unit(torch.randn(100, 64, generator=torch.Generator().manual_seed(0)))
     assert chance_cos(U, torch.Generator().manual_seed(0), 0.0) < 0.6
+
+
+def test_blocks_with_fewer_pairs_than_d_keep_the_right_pairs():
+    # 30 atoms in d = 40: enough to cross-validate (> 2d/3) but most held-out sources lie partly
+    # outside the other sources' span, so leave-one-out alone drops right pairs; the Gram evidence
+    # keeps them (a map between two of four slots has about this many pairs)
+    A, B, M, truth = planted(30, 40, seed=7, extra=10)
+    res = match_blocks(A, B)
+    right = truth[res.pairs[:, 1]] == res.pairs[:, 0]
+    assert right.all() and len(res.pairs) >= 27, (int(right.sum()), len(res.pairs))
+    held_out_only = match_blocks(A, B, min_evidence=float("inf"))
+    assert len(held_out_only.pairs) < len(res.pairs)
