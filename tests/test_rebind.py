@@ -113,16 +113,18 @@ def _activity(n_samples, n_latents, exclusive, g):
     return active
 
 
-@pytest.mark.parametrize("exclusive_in, frame", [((0,), 0), ((1,), 1), ((0, 1), 0)])
-def test_unpaired_rows_go_to_the_slot_they_are_exclusive_in(exclusive_in, frame):
-    # 6 atoms with a row in each of 2 slots (rows 0-5 slot 1, 6-11 slot 2) and 3 unpaired rows
-    # (12-14), each exclusive with two atoms' rows of one slot (its attribute's other values);
-    # exclusive in both slots alike, no slot is theirs and slot 1 stays D's frame
+@pytest.mark.parametrize("n_slots, exclusive_in, frame",
+                         [(2, (0,), 0), (2, (1,), 1), (3, (2,), 2), (3, (1, 2), 0)])
+def test_unpaired_rows_go_to_the_slot_they_are_exclusive_in(n_slots, exclusive_in, frame):
+    # 6 atoms with a row in each slot (rows 0-5 slot 1, 6-11 slot 2, ...) and 3 unpaired rows, each
+    # exclusive with two atoms' rows of one slot (its attribute's other values). Of two slots the
+    # likelier wins; of three, rows exclusive in two slots alike have no slot, and slot 1 stays
     g = torch.Generator().manual_seed(0)
-    rows = torch.stack([torch.arange(6), torch.arange(6, 12)], 1)
-    slots = sae.recipes.binding.Slots(rows, torch.eye(4).expand(2, 4, 4).clone(), torch.arange(12, 15))
-    pairs = [(e, int(rows[a, s])) for s in exclusive_in for e in range(12, 15) for a in ((e - 12) * 2, (e - 12) * 2 + 1)]
-    active = _activity(20000, 15, pairs, g)
+    rows = torch.arange(6 * n_slots).view(n_slots, 6).T
+    extras = torch.arange(6 * n_slots, 6 * n_slots + 3)
+    slots = sae.recipes.binding.Slots(rows, torch.eye(4).expand(n_slots, 4, 4).clone(), extras)
+    pairs = [(int(e), int(rows[a, s])) for s in exclusive_in for i, e in enumerate(extras) for a in (2 * i, 2 * i + 1)]
+    active = _activity(20000, 6 * n_slots + 3, pairs, g)
     assert sae.recipes.binding.extras_slot(active, slots) == frame
 
 
