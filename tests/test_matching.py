@@ -5,7 +5,7 @@ import torch
 
 from sae.eval.echo import find_echoes
 from sae.eval.worlds import random_orthogonal
-from sae.recipes.matching import MatchConfig, OneDictionary, TwoBlocks, fit_map, match_blocks
+from sae.recipes.matching import MatchConfig, OneDictionary, TwoBlocks, chance_cos, fit_map, match_blocks
 
 
 def unit(v):
@@ -100,7 +100,6 @@ def test_both_framings_find_the_same_pairs():
 def test_chance_null_is_not_the_data_seeds_stream():
     # rows drawn from a generator seeded 0, as a synthetic world with seed 0 draws its atoms, and a
     # null drawn for training seed 0: the null's directions must not be those same rows (it was ~1)
-    from sae.recipes.matching import chance_cos
     U = unit(torch.randn(100, 64, generator=torch.Generator().manual_seed(0)))
     assert chance_cos(U, torch.Generator().manual_seed(0), 0.0) < 0.6
 

@@ -7,7 +7,8 @@ import torch
 import sae
 import sae.recipes.binding
 from sae.eval import binding_metrics as bm
-from sae.eval.worlds import WorldConfig, make_world
+from sae.eval.worlds import WorldConfig, make_world, random_orthogonal
+from sae.recipes.matching import fit_map
 
 # The benchmark's reference world: 48 atoms in 32 dimensions (superposition 1.5, so M is pinned
 # down), 2 slots, orthogonal M. (At d=16 with 24 atoms the matching finds too few pairs and the
@@ -150,8 +151,6 @@ def test_refit_maps_pins_a_slot_seen_only_through_another():
     # 12 pairs (pinned on their span only), and is refitted through slot 2's rows pulled back by M_2.
     # Each round fits every map on every other slot's current estimate, so an error is shared out
     # before it shrinks, slowly (measured, both maps' error: 3.26 -> 1.11, 0.60, ..., 0.18 in 8 rounds)
-    from sae.eval.worlds import random_orthogonal
-    from sae.recipes.matching import fit_map
     g = torch.Generator().manual_seed(2)
     D = torch.randn(40, 16, generator=g)
     D = D / D.norm(dim=1, keepdim=True)
