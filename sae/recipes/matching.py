@@ -291,10 +291,12 @@ def largest_agreeing_set(agree: torch.Tensor, support: torch.Tensor) -> torch.Te
     (S, r) membership of a large set that agrees pairwise, by replicator dynamics on the agreement
     graph (Motzkin–Straus: its local maxima are maximal cliques), started from softmax(support)."""
     ok = support > -1e8
-    A = (agree & ok[:, :, None]).float() + 0.5 * torch.eye(agree.shape[-1])
+    # symmetric (excluded candidates start, and stay, at 0), so A x = xᵀA: as a row-vector product
+    # the step is ~5x faster on CPU (batched matrix-vector products are slow there)
+    A = (agree & ok[:, :, None] & ok[:, None, :]).float() + 0.5 * torch.eye(agree.shape[-1])
     x = torch.softmax(support / 2.0, dim=1)
     for _ in range(100):
-        x = x * (A @ x[:, :, None]).squeeze(2)
+        x = x * (x[:, None, :] @ A).squeeze(1)
         x = x / x.sum(1, keepdim=True).clamp_min(1e-30)
     return (x > 1.0 / (4 * agree.shape[-1])) & ok
 
