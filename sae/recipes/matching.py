@@ -17,6 +17,7 @@ row identifies its partner. The search, on candidates a → b:
             agree, best evidence first;
   cluster   per seed, the largest mutually agreeing set among the `pool` candidates it supports
             most (replicator dynamics on the agreement graph: local maxima are maximal cliques);
+            then again, the pool now those the seed and its clique support most (`_recluster`);
   grow      add Hungarian-best candidates with ≥ grow_evidence nats against the set; drop members
             that disagree with the rest on average;
   judge     keep the best grown set (see `Largest`, `MostSupported`), stop when one is good enough;
@@ -37,6 +38,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 GROW_ROUNDS = 100      # a bound only: growth adds a third of the set per round, so it ends far sooner
+RECLUSTER_ROUNDS = 3   # clique steps per seed after the first (see _recluster)
 BATCH_FLOATS = 2**23   # seeds per batch ≤ this/(na·nb): the clique step holds 2·batch·na·nb floats
 
 
@@ -286,6 +288,32 @@ def _clusters(K: _Evidence, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return pool, largest_agreeing_set(agree, u)
 
 
+def _recluster(K: _Evidence, seeds: torch.Tensor, pool: torch.Tensor, member: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clique step again, RECLUSTER_ROUNDS times, its pool now the candidates that the seed *and
+    its last clique* support most. Two candidates give a true candidate little support unless a
+    Gram entry between them is strong, so with many rows (four slots: m² candidates, ~m/4 true) the
+    first pool holds only a few true candidates among chance ones; the few that a true seed's clique
+    does hold lift the others into the next pool (w10, RESULTS.md §1: true seeds whose first clique
+    held 2-3 true candidates reached pure cliques of 67 and 85; chance seeds stayed at <= 8)."""
+    nb = K.nb
+    for _ in range(RECLUSTER_ROUNDS):
+        # each seed's set: its two candidates and its clique (padded with its first candidate)
+        start = torch.cat([seeds, torch.where(member, pool, seeds[:, :1])], 1)
+        ids, inv = start.unique(return_inverse=True)
+        hits = torch.zeros(len(seeds), len(ids)).scatter_(1, inv, 1.0)
+        support = torch.zeros(len(seeds), K.na * nb)
+        step = max(1, BATCH_FLOATS // (K.na * nb))   # K.rows of `step` candidates at a time
+        for c in range(0, len(ids), step):
+            support += hits[:, c:c + step] @ K.rows(ids[c:c + step]).view(-1, K.na * nb)
+        support = support.view(len(seeds), K.na, nb)
+        K.cands.block(support, start // nb, start % nb)
+        u, pool = support.view(len(seeds), -1).topk(pool.shape[1], dim=1)
+        agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~K.cands.clash(pool // nb, pool % nb)
+        member = largest_agreeing_set(agree, u)
+    return pool, member
+
+
 def largest_agreeing_set(agree: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """(S, r, r) pairwise agreement of r candidates, (S, r) their support (−1e9: excluded) ->
     (S, r) membership of a large set that agrees pairwise, by replicator dynamics on the agreement
@@ -402,7 +430,7 @@ def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
     for start in range(0, len(seeds), per_batch):
         batch = seeds[start:start + per_batch]
-        pool, member = _clusters(K, batch)
+        pool, member = _recluster(K, batch, *_clusters(K, batch))
         size = member.sum(1)
         for s in torch.argsort(size, descending=True).tolist():
             if size[s] < cfg.min_cluster:
