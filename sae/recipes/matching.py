@@ -17,7 +17,9 @@ row identifies its partner. The search, on candidates a → b:
             agree, best evidence first;
   cluster   per seed, the largest mutually agreeing set among the `pool` candidates it supports
             most (replicator dynamics on the agreement graph: local maxima are maximal cliques);
-            then again, the pool now those the seed and its clique support most (`_recluster`);
+            where a pass over every seed finds nothing, the best-evidence seeds again, each
+            clique step's pool now the candidates the seed and its last clique support most
+            (`_recluster`);
   grow      add Hungarian-best candidates with ≥ grow_evidence nats against the set; drop members
             that disagree with the rest on average;
   judge     keep the best grown set (see `Largest`, `MostSupported`), stop when one is good enough;
@@ -39,6 +41,7 @@ from scipy.optimize import linear_sum_assignment
 
 GROW_ROUNDS = 100      # a bound only: growth adds a third of the set per round, so it ends far sooner
 RECLUSTER_ROUNDS = 3   # clique steps per seed after the first (see _recluster)
+RECLUSTER_SEEDS = 400  # seeds reclustered where the plain pass found nothing (a 4-slot world in d ~140 has ~350)
 BATCH_FLOATS = 2**23   # seeds per batch ≤ this/(na·nb): the clique step holds 2·batch·na·nb floats
 
 
@@ -428,16 +431,22 @@ def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None
     K = _Evidence(cands, cfg)
     seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
-    for start in range(0, len(seeds), per_batch):
-        batch = seeds[start:start + per_batch]
-        pool, member = _recluster(K, batch, *_clusters(K, batch))
-        size = member.sum(1)
-        for s in torch.argsort(size, descending=True).tolist():
-            if size[s] < cfg.min_cluster:
-                break
-            judge.offer(K, _grow(K, batch[s].tolist() + pool[s][member[s]].tolist()))
-        if judge.done():
-            break
+    # a plain pass over every seed; if the judge is not done, the best-evidence RECLUSTER_SEEDS seeds
+    # again with their pools re-drawn (`_recluster`, several times a plain seed's cost)
+    for recluster in (False, True):
+        todo = seeds[:RECLUSTER_SEEDS] if recluster else seeds
+        for start in range(0, len(todo), per_batch):
+            batch = todo[start:start + per_batch]
+            pool, member = _clusters(K, batch)
+            if recluster:
+                pool, member = _recluster(K, batch, pool, member)
+            size = member.sum(1)
+            for s in torch.argsort(size, descending=True).tolist():
+                if size[s] < cfg.min_cluster:
+                    break
+                judge.offer(K, _grow(K, batch[s].tolist() + pool[s][member[s]].tolist()))
+            if judge.done():
+                return
 
 
 # -- which pairs to keep --------------------------------------------------------------------------
