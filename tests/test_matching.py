@@ -5,7 +5,8 @@ import torch
 
 from sae.eval.echo import find_echoes
 from sae.eval.worlds import random_orthogonal
-from sae.recipes.matching import MatchConfig, OneDictionary, TwoBlocks, chance_cos, fit_map, match_blocks
+from sae.recipes.matching import (MatchConfig, OneDictionary, TwoBlocks, chance_cos, fit_map, largest_agreeing_set,
+                                   match_blocks)
 
 
 def unit(v):
@@ -114,3 +115,21 @@ def test_blocks_with_fewer_pairs_than_d_keep_the_right_pairs():
     assert right.all() and len(res.pairs) >= 27, (int(right.sum()), len(res.pairs))
     held_out_only = match_blocks(A, B, min_evidence=float("inf"))
     assert len(held_out_only.pairs) < len(res.pairs)
+
+
+def test_clique_step_finds_a_planted_clique_and_never_an_excluded_candidate():
+    # the replicator dynamics (largest_agreeing_set) on a random agreement graph with a planted
+    # clique, started from support that favours the clique: it must return the clique, and a
+    # candidate excluded by its support (-1e9) must stay out even where it agrees with everyone
+    g = torch.Generator().manual_seed(0)
+    r, clique = 40, torch.arange(12)
+    agree = torch.rand(r, r, generator=g) < 0.3
+    agree = agree | agree.T
+    agree[clique[:, None], clique[None, :]] = True
+    agree[39, :] = agree[:, 39] = True
+    agree.fill_diagonal_(False)
+    support = torch.rand(r, generator=g)
+    support[clique] += 1.0
+    support[39] = -1e9
+    member = largest_agreeing_set(agree[None], support[None])[0]
+    assert member.nonzero().squeeze(1).tolist() == clique.tolist()

@@ -17,9 +17,9 @@ row identifies its partner. The search, on candidates a → b:
             agree, best evidence first;
   cluster   per seed, the largest mutually agreeing set among the `pool` candidates it supports
             most (replicator dynamics on the agreement graph: local maxima are maximal cliques);
-            where a pass over every seed finds nothing, the best-evidence seeds again, each
-            clique step's pool now the candidates the seed and its last clique support most
-            (`_recluster`);
+            where a pass over every seed leaves the judge unsatisfied, the best-evidence seeds
+            again, each clique step's pool now the candidates the seed and its last clique support
+            most (`_recluster`);
   grow      add Hungarian-best candidates with ≥ grow_evidence nats against the set; drop members
             that disagree with the rest on average;
   judge     keep the best grown set (see `Largest`, `MostSupported`), stop when one is good enough;
@@ -41,7 +41,7 @@ from scipy.optimize import linear_sum_assignment
 
 GROW_ROUNDS = 100      # a bound only: growth adds a third of the set per round, so it ends far sooner
 RECLUSTER_ROUNDS = 3   # clique steps per seed after the first (see _recluster)
-RECLUSTER_SEEDS = 400  # seeds reclustered where the plain pass found nothing (a 4-slot world in d ~140 has ~350)
+RECLUSTER_SEEDS = 400  # seeds reclustered after an unsatisfied plain pass (a 4-slot world in d ~140 tries ~350 in all)
 BATCH_FLOATS = 2**23   # seeds per batch ≤ this/(na·nb): the clique step holds 2·batch·na·nb floats
 
 
@@ -424,15 +424,16 @@ def pair_evidence(K: _Evidence, ids: torch.Tensor) -> torch.Tensor:
 
 def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None) -> None:
     """Seed → cluster → grow, offering each grown set to `judge` (Largest or MostSupported), which
-    keeps the best; seeds go in batches until the judge is done or n_seeds (cfg.n_seeds) are tried."""
+    keeps the best; seeds go in batches until the judge is done or n_seeds (cfg.n_seeds) are tried,
+    then the first RECLUSTER_SEEDS of them again through `_recluster` if the judge is still not done."""
     na, nb = cands.na, cands.nb
     if min(na, nb) < 4:
         return
     K = _Evidence(cands, cfg)
     seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
-    # a plain pass over every seed; if the judge is not done, the best-evidence RECLUSTER_SEEDS seeds
-    # again with their pools re-drawn (`_recluster`, several times a plain seed's cost)
+    # recluster only after a plain pass: it costs several plain seeds' time each, and reclustering
+    # every seed made searches that find nothing 4-5x slower (RESULTS.md §1)
     for recluster in (False, True):
         todo = seeds[:RECLUSTER_SEEDS] if recluster else seeds
         for start in range(0, len(todo), per_batch):
