@@ -110,8 +110,6 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
                                           resume=resume and (Path(run_dir) / "config.json").exists()))
 
     # 1. a standard SAE of the model's rule over all S·n codes
-    torch.manual_seed(seed)
-    flat = standard_sae(model)
     # a map must be cross-validated on ~2d/3 pairs, two rows each, among at most MATCH_ROWS rows
     skipped = 2 * (int(2 * model.d_in / 3) + 1) > MATCH_ROWS
     if skipped:
@@ -119,16 +117,8 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
                       f"validated pairs but at most {MATCH_ROWS} rows are searched; training a standard SAE",
                       stacklevel=4)
         first = steps
-    opts = dict(options, steps=first, seed=seed, binding_recipe="plain")
-    if phases is None or skipped:
-        opts.update(run_dir=run_dir if skipped else "", resume=resume if skipped else False)
-        std = train_loop(flat, data, **opts)
-    else:
-        where = phases / PHASE
-        if (where / "metrics.json").exists():  # finished before an interruption
-            std = TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
-        else:
-            std = train_loop(flat, data, run_dir=str(where), resume=(where / "config.json").exists(), **opts)
+    std = _standard_phase(model, data, dict(options, steps=first, seed=seed, binding_recipe="plain"),
+                          run_dir if skipped else "", resume and skipped, None if skipped else phases)
     flat = std.model
     x = _sample(data, options, seed).to(flat.b_dec.device)
     with torch.no_grad():
@@ -182,6 +172,21 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
                   f"{cfg.n_total} latents, and the BindingSAE passed in holds its {n} most-used rows as a bag",
                   stacklevel=4)
     return result
+
+
+def _standard_phase(model: BindingSAE, data, opts: dict, run_dir: str, resume: bool,
+                    phases: Path | None) -> TrainResult:
+    """Phase 1: the standard SAE over all n_slots * n_latents codes, trained with `opts`; with
+    `phases` as its own resumable run under phases/PHASE (reloaded if it finished before an
+    interruption), else in `run_dir` ('' for none)."""
+    torch.manual_seed(opts["seed"])
+    flat = standard_sae(model)
+    if phases is None:
+        return train_loop(flat, data, **dict(opts, run_dir=run_dir, resume=resume))
+    where = phases / PHASE
+    if (where / "metrics.json").exists():
+        return TrainResult(io.load(where / "sae"), io.read_json(where / "metrics.json"), where)
+    return train_loop(flat, data, **dict(opts, run_dir=str(where), resume=(where / "config.json").exists()))
 
 
 def _why(info: dict) -> str:
