@@ -285,8 +285,16 @@ def _clusters(K: _Evidence, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     agrees pairwise (K > 0, no clash). Returns pool (S, r) and membership (S, r)."""
     (S, q), nb = seeds.shape, K.nb
     support = K.rows(seeds.reshape(-1)).reshape(S, q, K.na, nb).sum(1)
-    K.cands.block(support, seeds // nb, seeds % nb)
-    u, pool = support.view(S, -1).topk(min(K.cfg.pool, K.na * nb), dim=1)
+    return _pool_clique(K, support, seeds, min(K.cfg.pool, K.na * nb))
+
+
+def _pool_clique(K: _Evidence, support: torch.Tensor, taken: torch.Tensor, r: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, na, nb) support -> the r best-supported candidates that do not clash with `taken` (S, q),
+    and which of them form the largest set that agrees pairwise: pool (S, r), membership (S, r)."""
+    nb = K.nb
+    K.cands.block(support, taken // nb, taken % nb)
+    u, pool = support.view(len(support), -1).topk(r, dim=1)
     agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~K.cands.clash(pool // nb, pool % nb)
     return pool, largest_agreeing_set(agree, u)
 
@@ -309,11 +317,7 @@ def _recluster(K: _Evidence, seeds: torch.Tensor, pool: torch.Tensor, member: to
         step = max(1, BATCH_FLOATS // (K.na * nb))   # K.rows of `step` candidates at a time
         for c in range(0, len(ids), step):
             support += hits[:, c:c + step] @ K.rows(ids[c:c + step]).view(-1, K.na * nb)
-        support = support.view(len(seeds), K.na, nb)
-        K.cands.block(support, start // nb, start % nb)
-        u, pool = support.view(len(seeds), -1).topk(pool.shape[1], dim=1)
-        agree = (K.pairs(pool[:, :, None], pool[:, None, :]) > 0) & ~K.cands.clash(pool // nb, pool % nb)
-        member = largest_agreeing_set(agree, u)
+        pool, member = _pool_clique(K, support.view(len(seeds), K.na, nb), start, pool.shape[1])
     return pool, member
 
 
