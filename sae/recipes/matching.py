@@ -437,14 +437,19 @@ def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None
     seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
     # recluster only after a plain pass: it costs several plain seeds' time each, and reclustering
-    # every seed made searches that find nothing 4-5x slower (RESULTS.md §1)
+    # every seed made searches that find nothing 4-5x slower (RESULTS.md §1). It starts from the
+    # plain pass's cliques of its seeds, kept as that pass makes them
+    first = []
     for recluster in (False, True):
         todo = seeds[:RECLUSTER_SEEDS] if recluster else seeds
-        for start in range(0, len(todo), per_batch):
+        for i, start in enumerate(range(0, len(todo), per_batch)):
             batch = todo[start:start + per_batch]
-            pool, member = _clusters(K, batch)
             if recluster:
-                pool, member = _recluster(K, batch, pool, member)
+                pool, member = _recluster(K, batch, *first[i])
+            else:
+                pool, member = _clusters(K, batch)
+                if start < RECLUSTER_SEEDS:
+                    first.append((pool[:RECLUSTER_SEEDS - start], member[:RECLUSTER_SEEDS - start]))
             size = member.sum(1)
             for s in torch.argsort(size, descending=True).tolist():
                 if size[s] < cfg.min_cluster:
