@@ -426,13 +426,15 @@ def pair_evidence(K: _Evidence, ids: torch.Tensor) -> torch.Tensor:
     return K.pairs(ids[:, None], ids[None, :]).sum(1) / max(len(ids) - 1, 1)
 
 
-def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None) -> None:
+def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None) -> _Evidence | None:
     """Seed → cluster → grow, offering each grown set to `judge` (Largest or MostSupported), which
     keeps the best; seeds go in batches until the judge is done or n_seeds (cfg.n_seeds) are tried,
-    then the first RECLUSTER_SEEDS of them again through `_recluster` if the judge is still not done."""
+    then the first RECLUSTER_SEEDS of them again through `_recluster` if the judge is still not done.
+    Returns the Gram evidence it searched with (None where there are too few rows to search), so a
+    caller judges the pairs by the same evidence without building it again."""
     na, nb = cands.na, cands.nb
     if min(na, nb) < 4:
-        return
+        return None
     K = _Evidence(cands, cfg)
     seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
@@ -456,7 +458,8 @@ def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None
                     break
                 judge.offer(K, _grow(K, batch[s].tolist() + pool[s][member[s]].tolist()))
             if judge.done():
-                return
+                return K
+    return K
 
 
 # -- which pairs to keep --------------------------------------------------------------------------
@@ -543,7 +546,7 @@ def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfi
     (na, d), nb = blocks.Ua.shape, blocks.nb
     none = Match(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, na + nb)
     judge = Largest(cfg.stop_share * min(na, nb))
-    search(blocks, cfg, judge)
+    K = search(blocks, cfg, judge)
     best = judge.best
     if len(best) < 3:
         return none
@@ -554,7 +557,7 @@ def match_blocks(A: torch.Tensor, B: torch.Tensor, cfg: MatchConfig = MatchConfi
     # `match_within`, a pair the held-out map misses stays if the Gram evidence supports it: with
     # fewer pairs than d (a map between two of several slots) most held-out sources lie partly
     # outside the other sources' span, and a right pair fails the held-out test (RESULTS.md §1)
-    v = verdict(blocks, r, c, g, cfg, pair_evidence(_Evidence(blocks, cfg), r * nb + c), min_evidence)
+    v = verdict(blocks, r, c, g, cfg, pair_evidence(K, r * nb + c), min_evidence)
     pairs = torch.stack([r, c], 1)[v.keep]
     if len(pairs) >= 3:
         M = fit_map(blocks.Ua[pairs[:, 0]], blocks.Ub[pairs[:, 1]], cfg.map_kind)
