@@ -1,6 +1,8 @@
 """sae.train's binding recipe (sae/recipes/binding.py): it recovers a superposed world's D and M with a fixed
 seed, reports its truth-free verdicts, resumes by phase, and `start="continue"` continues a
 trained dictionary unchanged."""
+import json
+
 import pytest
 import torch
 
@@ -58,6 +60,24 @@ def test_phases_are_runs_and_the_result_loads(trained):
     assert 0.3 < result.metrics["slot_usage"] < 0.7  # both slots carry objects in this world
 
 
+def test_a_tied_model_that_reconstructs_worse_gives_way_to_the_standard_sae(world, tmp_path, monkeypatch):
+    # the verdict after training, forced: the tied start passes (first call), the trained tied model not
+    calls = []
+    monkeypatch.setattr(sae.recipes.binding, "_close", lambda tied, untied: calls.append(tied) or len(calls) == 1)
+    model = sae.BindingSAE(EASY.d, 2 * world.n_atoms, n_slots=2, k=6)
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match="the tied model reconstructs worse"):
+        result = sae.train(model, world.sample(32768, seed=0).x, run_dir=str(run_dir), **TRAIN)
+    m = result.metrics
+    assert len(calls) == 2 and m["rebind_rejected"] == 2 and m["rebind_fallback"] == 1 and m["slot_usage"] == 0
+    assert m["steps"] == TRAIN["steps"] and result.model.architecture == "topk"
+    # the run's saved model and metrics are the standard SAE's, not the rejected tied model's
+    saved = sae.load(run_dir / "sae")
+    x = torch.randn(64, EASY.d)
+    assert saved.architecture == "topk" and torch.allclose(saved.encode(x), result.model.encode(x))
+    assert json.loads((run_dir / "metrics.json").read_text())["rebind_rejected"] == 2
+
+
 def test_a_second_run_in_the_same_directory_is_refused(world, trained):
     _, _, run_dir = trained
     model = sae.BindingSAE(EASY.d, world.n_atoms, n_slots=2, k=6)
@@ -93,8 +113,11 @@ def test_too_wide_to_validate_a_match_trains_plainly(tmp_path, monkeypatch):
     monkeypatch.setattr(sae.recipes.binding, "MATCH_ROWS", 64)
     x = torch.randn(2048, 200)
     model = sae.BindingSAE(200, 300, n_slots=2, k=8)
-    with pytest.warns(UserWarning, match="binding recipe skipped"):
+    with pytest.warns(UserWarning, match="binding recipe skipped") as caught:
         result = sae.train(model, x, steps=8, batch_size=128, run_dir=str(tmp_path / "run"))
+    # both of the recipe's warnings (skipped; no binding found) name the caller's line, not the recipe's
+    recipe = [w for w in caught if str(w.message).startswith("binding recipe")]
+    assert len(recipe) == 2 and {w.filename for w in recipe} == {__file__}
     assert result.metrics["rebind_skipped"] == 1 and result.metrics["rebind_fallback"] == 1
     assert result.metrics["steps"] == 8 and not (tmp_path / "run" / "phases").exists()
     assert result.metrics["slot_usage"] == 0

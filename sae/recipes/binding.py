@@ -100,7 +100,7 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     options = dict(options)
     steps, seed = options.pop("steps"), options.pop("seed")
     run_dir, resume = options.pop("run_dir", ""), options.pop("resume", False)
-    cfg, n, S = model.cfg, model.n_latents, model.cfg.n_slots
+    S = model.cfg.n_slots
     first = int(STANDARD_SHARE * steps)
     phases = Path(run_dir) / "phases" if run_dir else None
 
@@ -126,51 +126,68 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     usage = active.float().mean(0)
     info = {"rebind_skipped": int(skipped)}
     found = None if skipped else find_slots(flat, usage, S, seed, info)
-
+    result = None
     if found is not None:
-        found = reframe(found, extras_slot(active, found))
-        info["rebind_atoms"] = found.n_atoms
-        carried = init_from_slots_(model, flat, found, usage)
-        untied = _fvu(flat, x)
-        # the tied start, its carried latents silent, reproduces the standard SAE where the map is real
-        info["tie_cost_start"] = _fvu(model, x, silent=carried) - untied
-        if not _close(untied + info["tie_cost_start"], untied):
-            info["rebind_rejected"] = 1
-            found = None
-    if found is not None:
-        # 3. rebind from the placed rows
-        result = final_phase(model, steps - first, seed + 2)
-        tied = _fvu(model, x)
-        info["tie_cost"] = tied - untied
-        info["slot_usage"] = _slot_usage(model, x)
-        if _close(tied, untied):
-            info["rebind_fallback"] = 0
-            result.metrics.update(info)
+        result = _rebind(model, flat, found, active, x, info, lambda: final_phase(model, steps - first, seed + 2))
+        if info.get("rebind_fallback") == 0:
+            return _finish(result, info, run_dir)
+        if result is not None:  # trained, but the tied model does not reconstruct like the standard one
+            result = TrainResult(flat, {**std.metrics, **info, "steps": steps}, Path(run_dir) if run_dir else None)
             if run_dir:
-                io.write_json(Path(run_dir) / "metrics.json", result.metrics)
-            return result
-        # the tied model does not reconstruct like the standard one: no binding to report
+                io.save(flat, Path(run_dir) / "sae")
+    if result is None:  # no map (or the tied start rejected): the standard SAE gets the rest of the budget
+        result = std if skipped else final_phase(flat, steps - first, seed + 2)
+    return _fall_back(model, result, info, None if skipped else usage, x, run_dir)
+
+
+def _rebind(model: BindingSAE, flat: SAE, found: Slots, active: torch.Tensor, x: torch.Tensor, info: dict,
+            final_phase) -> TrainResult | None:
+    """Phases 2-3 once a map is found: D's frame, the tied start from the placed rows, its training
+    (`final_phase()`). Returns the final phase's result, kept where the tied model reconstructs like
+    the standard one (info["rebind_fallback"] = 0, else info["rebind_rejected"] = 2), or None where
+    the tied start already does not (info["rebind_rejected"] = 1)."""
+    usage = active.float().mean(0)
+    found = reframe(found, extras_slot(active, found))
+    info["rebind_atoms"] = found.n_atoms
+    carried = init_from_slots_(model, flat, found, usage)
+    untied = _fvu(flat, x)
+    # the tied start, its carried latents silent, reproduces the standard SAE where the map is real
+    info["tie_cost_start"] = _fvu(model, x, silent=carried) - untied
+    if not _close(untied + info["tie_cost_start"], untied):
+        info["rebind_rejected"] = 1
+        return None
+    result = final_phase()
+    tied = _fvu(model, x)
+    info["tie_cost"] = tied - untied
+    info["slot_usage"] = _slot_usage(model, x)
+    if _close(tied, untied):
+        info["rebind_fallback"] = 0
+    else:  # no binding to report
         info["rebind_rejected"] = 2
-        metrics = {**std.metrics, **info, "steps": steps}
-        result = TrainResult(flat, metrics, Path(run_dir) if run_dir else None)
-        if run_dir:
-            io.save(flat, Path(run_dir) / "sae")
-    elif skipped:
-        result = std
-    else:
-        # no map: the standard SAE gets the rest of the budget
-        result = final_phase(flat, steps - first, seed + 2)
+    return result
+
+
+def _fall_back(model: BindingSAE, result: TrainResult, info: dict, usage: torch.Tensor | None,
+               x: torch.Tensor, run_dir: str) -> TrainResult:
+    """No matrix binding to report: `result` (a standard SAE) is the answer, the metrics and a
+    warning say so, and `model` holds its most-used rows as a bag."""
     info.update(rebind_fallback=1, tie_cost=info.get("tie_cost", 0.0))
     info.setdefault("rebind_pairs", 0)
     info["slot_usage"] = 0.0
+    _finish(result, info, run_dir)
+    bag_(model, result.model, usage, x)
+    warnings.warn(f"binding recipe: no matrix binding found ({_why(info)}); the result (result.model"
+                  f"{', run_dir/sae' if run_dir else ''}) is a standard {type(result.model).__name__} with "
+                  f"{model.cfg.n_total} latents, and the BindingSAE passed in holds its {model.n_latents} "
+                  "most-used rows as a bag", stacklevel=5)
+    return result
+
+
+def _finish(result: TrainResult, info: dict, run_dir: str) -> TrainResult:
+    """The recipe's verdicts into the result's metrics (and run_dir/metrics.json)."""
     result.metrics.update(info)
     if run_dir:
         io.write_json(Path(run_dir) / "metrics.json", result.metrics)
-    bag_(model, result.model, usage if not skipped else None, x)
-    warnings.warn(f"binding recipe: no matrix binding found ({_why(info)}); the result (result.model"
-                  f"{', run_dir/sae' if run_dir else ''}) is a standard {type(result.model).__name__} with "
-                  f"{cfg.n_total} latents, and the BindingSAE passed in holds its {n} most-used rows as a bag",
-                  stacklevel=4)
     return result
 
 
