@@ -128,7 +128,8 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     found = None if skipped else find_slots(flat, usage, S, seed, info)
     result = None
     if found is not None:
-        result = _rebind(model, flat, found, active, x, info, lambda: final_phase(model, steps - first, seed + 2))
+        result = _rebind(model, flat, found, active, usage, x, info,
+                         lambda: final_phase(model, steps - first, seed + 2))
         if info.get("rebind_fallback") == 0:
             return _finish(result, info, run_dir)
         if result is not None:  # trained, but the tied model does not reconstruct like the standard one
@@ -140,13 +141,12 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     return _fall_back(model, result, info, None if skipped else usage, x, run_dir)
 
 
-def _rebind(model: BindingSAE, flat: SAE, found: Slots, active: torch.Tensor, x: torch.Tensor, info: dict,
-            final_phase) -> TrainResult | None:
+def _rebind(model: BindingSAE, flat: SAE, found: Slots, active: torch.Tensor, usage: torch.Tensor,
+            x: torch.Tensor, info: dict, final_phase) -> TrainResult | None:
     """Phases 2-3 once a map is found: D's frame, the tied start from the placed rows, its training
     (`final_phase()`). Returns the final phase's result, kept where the tied model reconstructs like
     the standard one (info["rebind_fallback"] = 0, else info["rebind_rejected"] = 2), or None where
     the tied start already does not (info["rebind_rejected"] = 1)."""
-    usage = active.float().mean(0)
     found = reframe(found, extras_slot(active, found))
     info["rebind_atoms"] = found.n_atoms
     carried = init_from_slots_(model, flat, found, usage)
