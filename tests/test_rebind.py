@@ -189,3 +189,30 @@ def test_refit_maps_pins_a_slot_seen_only_through_another():
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.1 * errors[0], errors
     assert torch.equal(maps[0], torch.eye(16))
+
+
+def test_the_first_search_leaves_out_rare_rows_and_placement_takes_them_back():
+    # 32 atoms in d = 16 (rows 0-31) and their images (rows 32-63); 4 images and 6 half-formed copies
+    # of used rows (cos ~0.7 with one, rows 64-69) fire on a twentieth of the median row's tokens.
+    # The first search must not see the rare rows; placement must still give the rare images their atoms
+    n, d = 32, 16
+    g = torch.Generator().manual_seed(0)
+    A = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    M = random_orthogonal(d, g)
+    B = A @ M.T
+    copies = torch.nn.functional.normalize(B[:6] + torch.randn(6, d, generator=g) / d**0.5, dim=1)
+    flat = sae.TopKSAE(d, 2 * n + 6, k=4)
+    with torch.no_grad():
+        flat.W_dec.copy_(torch.cat([A, B, copies]))
+    rare = torch.cat([torch.arange(n + 20, n + 24), torch.arange(2 * n, 2 * n + 6)])
+    rate = torch.full((2 * n + 6,), 0.1)
+    rate[rare] = 0.005
+    active = torch.rand(20000, 2 * n + 6, generator=g) < rate
+    live, searched = sae.recipes.binding.search_rows(active.float().mean(0))
+    assert len(live) == 2 * n + 6 and not torch.isin(rare, searched).any() and len(searched) == 2 * n + 6 - 10
+    info = {}
+    slots = sae.recipes.binding.find_slots(flat, active.float().mean(0), active, 2, 0, info)
+    assert info["rebind_rare_rows"] == 10 and slots is not None
+    placed = {tuple(r) for r in slots.rows.tolist()}
+    assert {(a, a + n) for a in range(20, 24)} <= placed or {(a + n, a) for a in range(20, 24)} <= placed
+    assert not torch.isin(torch.arange(2 * n, 2 * n + 6), slots.rows).any()   # no copy became an atom's row

@@ -56,7 +56,7 @@ FVU_MARGIN = (0.01, 0.10)   # absolute, relative: the larger applies
 RECALL_MARGIN = 0.03
 MODELS = ("standard", "binding")
 VERDICTS = ("rebind_pairs", "rebind_atoms", "rebind_fallback", "rebind_rejected", "tie_cost", "tie_cost_start",
-            "slot_usage")
+            "slot_usage", "rebind_rare_rows")
 
 
 def run_one(draw: Draw, seed: int, steps: int, n_train: int, batch_size: int, lr: float, echo: bool = False) -> dict:

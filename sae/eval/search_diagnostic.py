@@ -7,7 +7,7 @@ standard SAE of the recipe's first phase exactly as the sample benchmark does (T
 n_slots * n_latents codes, 75% of its 2,000 steps, lr 4e-3, batch 256, 65,536 samples), then runs
 the recipe's search (`match_within`, the recipe's settings) on
 
-    rows         the SAE's live rows, what the recipe searches
+    rows         the rows the recipe's first search takes (`search_rows`), seeds ranked by co-firing
     true         the effective atoms M_s d_a nearest those rows, each once: the same atoms, exact
     true+noise   those atoms, each turned by a random orthogonal direction to cos c with itself
 
@@ -33,7 +33,7 @@ from sae.core.files import write_result
 from sae.eval.world_sample import draw_worlds
 from sae.eval.worlds import make_world
 from sae.recipes import matching
-from sae.recipes.binding import MIN_USAGE, STANDARD_SHARE, search_config
+from sae.recipes.binding import STANDARD_SHARE, never_together, search_config, search_rows
 
 NOISE_COS = (0.999, 0.995, 0.99)
 
@@ -48,15 +48,17 @@ class DiagnosticConfig:
 
 
 def standard_phase(draw, world, seed: int, steps: int):
-    """The recipe's first phase as the sample benchmark runs it; returns (unit live rows, usage)."""
+    """The recipe's first phase as the sample benchmark runs it; returns the unit rows its first
+    search takes and which of them never fire together."""
     x = world.sample(65536, seed=seed).x
     torch.manual_seed(seed)
     model = sae.TopKSAE(draw.cfg.d, world.n_slots * draw.n_latents, k=draw.k)
     model = sae.train(model, x, steps=int(STANDARD_SHARE * steps), batch_size=256, lr=4e-3, seed=seed).model
     with torch.no_grad():
-        usage = (model.encode(x[:16384]) > 0).float().mean(0)
-    W = model.decoder_rows().detach()[usage > MIN_USAGE]
-    return W / W.norm(dim=1, keepdim=True)
+        active = model.encode(x[:16384]) > 0
+    _, searched = search_rows(active.float().mean(0))
+    W = model.decoder_rows().detach()[searched]
+    return W / W.norm(dim=1, keepdim=True), never_together(active, searched, searched)[0]
 
 
 def true_seed_rank(V: torch.Tensor, slot: torch.Tensor, atom: torch.Tensor, n_seeds: int) -> int | None:
@@ -70,8 +72,9 @@ def true_seed_rank(V: torch.Tensor, slot: torch.Tensor, atom: torch.Tensor, n_se
     return int(hit[0]) if len(hit) else None
 
 
-def search(V: torch.Tensor, d: int) -> int:
-    return len(matching.match_within(V, search_config(len(V), 0), min_pairs=max(8, d), enough=d).pairs)
+def search(V: torch.Tensor, d: int, exclusive: torch.Tensor | None = None) -> int:
+    return len(matching.match_within(V, search_config(len(V), 0), min_pairs=max(8, d), enough=d,
+                                     exclusive=exclusive).pairs)
 
 
 def diagnose(name: str, draw, cfg: DiagnosticConfig) -> dict:
@@ -80,13 +83,13 @@ def diagnose(name: str, draw, cfg: DiagnosticConfig) -> dict:
     eff = world.slot_atoms.reshape(-1, d)
     eff = eff / eff.norm(dim=1, keepdim=True)
     t0 = time.time()
-    U = standard_phase(draw, world, cfg.seed, cfg.steps)
+    U, exclusive = standard_phase(draw, world, cfg.seed, cfg.steps)
     best = (U @ eff.T).abs().max(1)
     out = {"world": name, "d": d, "n_slots": world.n_slots, "m_kind": draw.cfg.m_kind, "live_rows": len(U),
            "row_best_cos_median": float(best.values.median()), "effective_atoms": len(eff),
            "atoms_covered_0.9": float(((U @ eff.T).abs().max(0).values > 0.9).float().mean()),
            "train_s": round(time.time() - t0, 1)}
-    out["pairs_rows"] = search(U, d)
+    out["pairs_rows"] = search(U, d, exclusive)
     nearest = best.indices.unique()
     T, slot, atom = eff[nearest], nearest // A, nearest % A
     budget = search_config(len(T), 0).n_seeds

@@ -10,9 +10,10 @@ Of the step budget T:
               n_slots * n_latents codes, from a fresh start: the TopK SAE of the same budget.
               Trained on matrix-bound data it learns every effective atom M_s d_a as its own row
               ("echo features").
-  2. find     the evidence search of sae.recipes.matching on its live rows, with the slot partition
-              unknown (`match_within`, the echo detector's search): one map between two slots and
-              its pairs; the sources are one slot's rows, and every further slot is matched against
+  2. find     the evidence search of sae.recipes.matching on its live rows (less the rarely
+              used, RARE_USAGE), with the slot partition unknown (`match_within`, the echo
+              detector's search, trying first the seeds of rows that never fire together): one map
+              between two slots and its pairs; the sources are one slot's rows, and every further slot is matched against
               them as a block (`match_blocks`). Then every live row is placed: rows of one atom in
               different slots become one atom of D, and rows with no partner become atoms of their
               own, so the tied model starts where the standard one is. D's frame is the slot those
@@ -33,7 +34,8 @@ The search takes the MATCH_ROWS most-used live rows; where a map could not be va
 Verdicts in the metrics: `rebind_pairs` (smallest count of rows matched to an atom over the free
 slots), `rebind_atoms` (atoms placed in D), `tie_cost` (FVU of the tied model minus that of the
 standard one on the same sample: large means the data is not matrix-bound), `slot_usage` (share of
-active latents in slots >= 2: near 0 means a bag), `rebind_fallback`, `rebind_skipped`. With a
+active latents in slots >= 2: near 0 means a bag), `rebind_fallback`, `rebind_skipped`,
+`rebind_rare_rows` (live rows left out of the first search). With a
 run_dir the standard phase is its own resumable run under run_dir/phases/1-standard and the final
 model is saved in run_dir like any other run's.
 """
@@ -61,6 +63,11 @@ MIN_PAIRS = 8  # fewer matched pairs than this and the match is not trusted
 SEEDS = 4000  # seeds the search tries at most (the echo detector's budget)
 MIN_USAGE = 1e-3  # latents firing on fewer tokens are dead: their rows only add chance structure
 MATCH_ROWS = 1024  # the search costs ~rows² per step (~20 s at 1,024 rows): wider dictionaries are not searched
+# live rows firing less than this share of the median live row's rate stay out of the *first* search
+# (placement takes them back). At 8,000 steps such rows are mostly half-formed copies of a used row
+# (cos 0.6-0.85 with it, off every atom), and their extreme Gram entries fill the seed budget: on w23
+# 764 of 794 seeds held one (RESULTS.md §1)
+RARE_USAGE = 0.2
 EXTEND_COS = 0.7  # once the maps are known, rows are placed where cos(M a, b) reaches this (or chance's level)
 TIE_MARGIN = (0.01, 0.1)  # rebound model kept if its FVU <= standard FVU + 0.01 + 10% of it
 SAMPLE_ROWS = 16384  # activations for usage, tie cost, slot usage and the extras' slot
@@ -125,7 +132,7 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
         active = (flat.encode(x) > 0).cpu()
     usage = active.float().mean(0)
     info = {"rebind_skipped": int(skipped)}
-    found = None if skipped else find_slots(flat, usage, S, seed, info)
+    found = None if skipped else find_slots(flat, usage, active, S, seed, info)
     result = None
     if found is not None:
         result = _rebind(model, flat, found, active, usage, x, info,
@@ -260,15 +267,42 @@ def search_config(m: int, seed: int) -> MatchConfig:
     return MatchConfig(n_seeds=n_seeds, seed_batch=256, min_cos=0.85, seed=seed)
 
 
+def search_rows(usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(live, searched): the MATCH_ROWS most-used rows above MIN_USAGE, and those of them the first
+    search takes (usage at least RARE_USAGE times the median live row's), both sorted."""
+    live = (usage > MIN_USAGE).nonzero().squeeze(1)
+    live = live[usage[live].argsort(descending=True)[:MATCH_ROWS]].sort().values
+    if not len(live):
+        return live, live
+    return live, live[usage[live] >= RARE_USAGE * usage[live].median()]
+
+
+def never_together(active: torch.Tensor, rows_a: torch.Tensor, rows_b: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which row pairs (len(rows_a), len(rows_b)) never fire together, and how often independent
+    rows would have. One object holds one value of each attribute, so two values of one attribute
+    in one slot never co-fire, and rows of other attributes or slots only by chance. 'Never' is at
+    most EXCLUSIVE times the independent expectation, where that is at least 2 co-activations
+    (fewer is no evidence). `active` (samples, latents) bool."""
+    A = active.float()
+    f = A.mean(0)
+    together = A[:, rows_a].T @ A[:, rows_b]
+    expected = len(A) * f[rows_a, None] * f[None, rows_b]
+    return (together <= EXCLUSIVE * expected) & (expected >= 2), expected
+
+
 @torch.no_grad()
-def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: dict) -> Slots | None:
+def find_slots(flat: SAE, usage: torch.Tensor, active: torch.Tensor, n_slots: int, seed: int,
+               info: dict) -> Slots | None:
     """Search the standard SAE's live rows for n_slots slots related by orthogonal maps; None (and
-    the reason in `info`) where there are none to trust."""
+    the reason in `info`) where there are none to trust. `active` (samples, latents): which rows
+    fired on a sample, so that the first search tries first the seeds whose two sources and two
+    targets never fire together (two values of one attribute in one slot)."""
     W = flat.decoder_rows().detach().float().cpu()
     U = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
     d = U.shape[1]
-    live = (usage > MIN_USAGE).nonzero().squeeze(1)
-    live = live[usage[live].argsort(descending=True)[:MATCH_ROWS]].sort().values
+    live, searched = search_rows(usage)
+    info["rebind_rare_rows"] = len(live) - len(searched)
     # as the echo detector: with the partition unknown, fewer than d pairs are within chance's reach
     # (15-16 pairs in random 150- and 300-row dictionaries in d = 22 pass cross-validation). With three
     # or more slots the first map may have fewer, down to what cross-validation needs (~2d/3): every
@@ -277,16 +311,18 @@ def find_slots(flat: SAE, usage: torch.Tensor, n_slots: int, seed: int, info: di
     validated = max(MIN_PAIRS, int(2 * d / 3) + 1)
     need = max(MIN_PAIRS, d) if n_slots == 2 else validated
     info["rebind_pairs"] = 0
-    if len(live) < 2 * need:
+    if len(searched) < 2 * need:
         return None
     g = torch.Generator().manual_seed(seed)
-    first = match_within(U[live], search_config(len(live), seed), min_pairs=need, enough=d)
+    exclusive = never_together(active, searched, searched)[0]
+    first = match_within(U[searched], search_config(len(searched), seed), min_pairs=need, enough=d,
+                         exclusive=exclusive)
     if len(first.pairs) < need:
         info["rebind_pairs"] = len(first.pairs)
         return None
     # slot 1 = the sources' slot, slot 2 = the targets'; rows[a, s] = a global flat row or -1
     rows = torch.full((len(first.pairs), n_slots), -1, dtype=torch.long)
-    rows[:, 0], rows[:, 1] = live[first.pairs[:, 0]], live[first.pairs[:, 1]]
+    rows[:, 0], rows[:, 1] = searched[first.pairs[:, 0]], searched[first.pairs[:, 1]]
     maps = [torch.eye(d), first.transform]
     thr = chance_cos(U[live], g, EXTEND_COS)
     rows = _place(U, live, rows, maps, thr)
@@ -346,15 +382,9 @@ def extras_slot(active: torch.Tensor, slots: Slots) -> int:
     complete = (slots.rows >= 0).all(1)
     if not len(slots.extras) or not complete.any():
         return 0
-    A = active.float()
-    f = A.mean(0)
-    extras = A[:, slots.extras]
     score = []
-    for s in range(slots.rows.shape[1]):
-        cols = slots.rows[complete, s]
-        together = extras.T @ A[:, cols]  # co-activation counts with this slot's rows only
-        expected = len(A) * f[slots.extras, None] * f[None, cols]
-        missing = (together <= EXCLUSIVE * expected) & (expected >= 2)
+    for s in range(slots.rows.shape[1]):  # co-activations with this slot's rows only
+        missing, expected = never_together(active, slots.extras, slots.rows[complete, s])
         score.append((missing * expected).sum())
     score = torch.stack(score)
     if len(score) == 2:

@@ -14,7 +14,8 @@ row identifies its partner. The search, on candidates a → b:
             entries", the entries' own distribution being the null. Agreeing on a large, rare value
             counts most; disagreeing costs down to −cap.
   seed      pairs of candidates {a→b, a'→b'} whose *strong* entries (top seed_degree per row)
-            agree, best evidence first;
+            agree, best evidence first (given which rows never fire together, seeds of such rows
+            first: two values of one attribute in one slot);
   cluster   per seed, the largest mutually agreeing set among the `pool` candidates it supports
             most (replicator dynamics on the agreement graph: local maxima are maximal cliques);
             where a pass over every seed leaves the judge unsatisfied, the best-evidence seeds
@@ -43,6 +44,11 @@ GROW_ROUNDS = 100      # a bound only: growth adds a third of the set per round,
 RECLUSTER_ROUNDS = 3   # clique steps per seed after the first (see _recluster)
 RECLUSTER_SEEDS = 400  # seeds reclustered after an unsatisfied plain pass (a 4-slot world in d ~140 tries ~350 in all)
 BATCH_FLOATS = 2**23   # seeds per batch ≤ this/(na·nb): the clique step holds 2·batch·na·nb floats
+# nats added to a seed whose two sources and two targets each never fire together (`exclusive`):
+# among ~750 clean rows one comparison's evidence saturates and true seeds drown in chance ones
+# (w10: 1 of 383 in a 263-seed budget), while both pairs exclusive held for 12.8% of true seeds and
+# 0.57% of chance ones (RESULTS.md §1), a likelihood ratio of ~22 (3.1 nats)
+EXCLUSIVE_BONUS = 4.0
 
 
 @dataclass(frozen=True)
@@ -268,15 +274,21 @@ def strong_entries(G: torch.Tensor, degree: float) -> torch.Tensor:
     return (A >= tau).nonzero()
 
 
-def _seeds(K: _Evidence, n_seeds: int) -> torch.Tensor:
-    """(n, 2) candidate pairs {a→b, a'→b'} on strong entries of both Gram matrices, best first."""
+def _seeds(K: _Evidence, n_seeds: int, exclusive: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 2) candidate pairs {a→b, a'→b'} on strong entries of both Gram matrices, best first; with
+    `exclusive` (one dictionary: rows × rows, bool), EXCLUSIVE_BONUS more for a seed where a, a'
+    and b, b' are both exclusive pairs."""
     c, nb = K.cands, K.nb
     ea, eb = strong_entries(c.Ga, K.cfg.seed_degree), strong_entries(c.Gb, K.cfg.seed_degree)
     ea = ea[ea[:, 0] < ea[:, 1]]                 # unordered a–a' against ordered b–b': each seed once
     a, a2, b, b2 = ea[:, :1], ea[:, 1:], eb[None, :, 0], eb[None, :, 1]
     ok = c.seed_ok(a, a2, b, b2)
     p1, p2 = (a * nb + b)[ok], (a2 * nb + b2)[ok]
-    top = K.pairs(p1, p2).topk(min(n_seeds, len(p1))).indices
+    score = K.pairs(p1, p2)
+    if exclusive is not None:
+        both = exclusive[ea[:, 0], ea[:, 1]][:, None] & exclusive[eb[:, 0], eb[:, 1]][None, :]
+        score += EXCLUSIVE_BONUS * both[ok]
+    top = score.topk(min(n_seeds, len(p1))).indices
     return torch.stack([p1[top], p2[top]], 1)
 
 
@@ -426,17 +438,19 @@ def pair_evidence(K: _Evidence, ids: torch.Tensor) -> torch.Tensor:
     return K.pairs(ids[:, None], ids[None, :]).sum(1) / max(len(ids) - 1, 1)
 
 
-def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None) -> _Evidence | None:
+def search(cands: TwoBlocks, cfg: MatchConfig, judge, n_seeds: int | None = None,
+           exclusive: torch.Tensor | None = None) -> _Evidence | None:
     """Seed → cluster → grow, offering each grown set to `judge` (Largest or MostSupported), which
     keeps the best; seeds go in batches until the judge is done or n_seeds (cfg.n_seeds) are tried,
     then the first RECLUSTER_SEEDS of them again through `_recluster` if the judge is still not done.
+    `exclusive` ranks seeds of rows that never fire together first (`_seeds`).
     Returns the Gram evidence it searched with (None where there are too few rows to search), so a
     caller judges the pairs by the same evidence without building it again."""
     na, nb = cands.na, cands.nb
     if min(na, nb) < 4:
         return None
     K = _Evidence(cands, cfg)
-    seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds)
+    seeds = _seeds(K, cfg.n_seeds if n_seeds is None else n_seeds, exclusive)
     per_batch = max(4, min(cfg.seed_batch, BATCH_FLOATS // (na * nb)))
     # recluster only after a plain pass: it costs several plain seeds' time each, and reclustering
     # every seed made searches that find nothing 4-5x slower (RESULTS.md §1). It starts from the
@@ -499,7 +513,8 @@ def first_come(cands: TwoBlocks, r: torch.Tensor, c: torch.Tensor, keep: torch.T
 
 
 def match_within(W: torch.Tensor, cfg: MatchConfig, min_pairs: float, enough: int | None = None,
-                 min_evidence: float = 0.5, stop_after: int = 2, g: torch.Generator | None = None) -> Match:
+                 min_evidence: float = 0.5, stop_after: int = 2, g: torch.Generator | None = None,
+                 exclusive: torch.Tensor | None = None) -> Match:
     """Pairs i → j among the rows of one dictionary W (i ≠ j, a row a source or a target, not both)
     with W[j] ≈ M W[i] for one map M, when which rows are "slot 1" is unknown too: the echo
     detector's search (sae/eval/echo.py) and the binding recipe's first look at a standard
@@ -507,13 +522,14 @@ def match_within(W: torch.Tensor, cfg: MatchConfig, min_pairs: float, enough: in
     `stop_after` reached `enough`, default ceil(min_pairs)); a pair the held-out map misses is kept if it
     fits in-sample with ≥ `min_evidence` nats per comparison; pairs already aligned (duplicates, which
     M = I explains) are not pairs; fewer than `min_pairs` kept pairs report none. Pairs index W.
-    `g` draws the cross-validation folds and the chance null (default: seeded by cfg.seed)."""
+    `g` draws the cross-validation folds and the chance null (default: seeded by cfg.seed);
+    `exclusive` (rows × rows, bool: pairs that never fire together) orders the seeds (`_seeds`)."""
     g = torch.Generator().manual_seed(cfg.seed) if g is None else g
     dictionary = OneDictionary(W)
     U, (m, d) = dictionary.Ua, dictionary.Ua.shape
     enough = max(3, int(min_pairs) if enough is None else enough)
     judge = MostSupported(max(3, min(enough, d // 2)), enough, min_evidence, stop_after)
-    search(dictionary, cfg, judge)
+    search(dictionary, cfg, judge, exclusive=exclusive)
     none = Match(torch.eye(d), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), 0.0, m)
     if judge.best is None or len(judge.best[1]) < 3:
         return none
