@@ -13,12 +13,13 @@ Of the step budget T:
   2. find     the evidence search of sae.recipes.matching on its live rows (less the rarely
               used, RARE_USAGE), with the slot partition unknown (`match_within`, the echo
               detector's search, trying first the seeds of rows that never fire together): one map
-              between two slots and its pairs; the sources are one slot's rows, and every further slot is matched against
-              them as a block (`match_blocks`). Then every live row is placed: rows of one atom in
-              different slots become one atom of D, and rows with no partner become atoms of their
-              own, so the tied model starts where the standard one is. D's frame is the slot those
-              unpartnered rows are exclusive in (one value per attribute per object): of two slots
-              the likelier, of more the one that clearly is (`extras_slot`), else the search's first.
+              between two slots and its pairs; the sources are one slot's rows, and every further
+              slot is matched against them as a block (`match_blocks`). Then every live row is
+              placed: rows of one atom in different slots become one atom of D, and rows with no
+              partner become atoms of their own, so the tied model starts where the standard one
+              is. D's frame is the slot those unpartnered rows are exclusive in (one value per
+              attribute per object): of two slots the likelier, of more the one that clearly is
+              (`extras_slot`), else the search's first.
   3. rebind   (the rest) the caller's model starts from that D, the fitted M_s and the standard
               SAE's encoder columns, and is trained.
 
@@ -35,9 +36,9 @@ Verdicts in the metrics: `rebind_pairs` (smallest count of rows matched to an at
 slots), `rebind_atoms` (atoms placed in D), `tie_cost` (FVU of the tied model minus that of the
 standard one on the same sample: large means the data is not matrix-bound), `slot_usage` (share of
 active latents in slots >= 2: near 0 means a bag), `rebind_fallback`, `rebind_skipped`,
-`rebind_rare_rows` (live rows left out of the first search). With a
-run_dir the standard phase is its own resumable run under run_dir/phases/1-standard and the final
-model is saved in run_dir like any other run's.
+`rebind_rare_rows` (live rows left out of the first search). With a run_dir the standard phase is
+its own resumable run under run_dir/phases/1-standard and the final model is saved in run_dir like
+any other run's.
 """
 from __future__ import annotations
 
