@@ -216,3 +216,28 @@ def test_the_first_search_leaves_out_rare_rows_and_placement_takes_them_back():
     placed = {tuple(r) for r in slots.rows.tolist()}
     assert {(a, a + n) for a in range(20, 24)} <= placed or {(a + n, a) for a in range(20, 24)} <= placed
     assert not torch.isin(torch.arange(2 * n, 2 * n + 6), slots.rows).any()   # no copy became an atom's row
+
+
+def test_the_extras_slot_is_judged_on_a_larger_sample_with_the_same_rows():
+    # _cofiring keeps only the placed and extra rows' columns of a sample larger than the verdicts'
+    # (rows at ~0.5% of tokens need it, RESULTS.md §1): each kept column must be its row's, and the
+    # first SAMPLE_ROWS activations must be the ones the verdicts use
+    B = sae.recipes.binding
+    torch.manual_seed(0)
+    flat = sae.TopKSAE(8, 40, k=3)
+    x = torch.randn(40000, 8)
+    slots = B.Slots(torch.tensor([[3, 17], [25, -1], [-1, 9], [30, 2]]), torch.eye(8).expand(2, 8, 8).clone(),
+                    torch.tensor([11, 38]))
+    batches = list(B._batches(x, {}, 0, B.COFIRE_ROWS))
+    sample = torch.cat(batches)
+    assert len(sample) == 36864 and torch.equal(sample[:B.SAMPLE_ROWS], B._sample(x, {}, 0))
+    active, renumbered = B._cofiring(flat, iter(batches), slots)
+    with torch.no_grad():
+        full = flat.encode(sample) > 0
+    placed = slots.rows >= 0
+    assert torch.equal(renumbered.rows < 0, ~placed)
+    for new, old in zip(torch.cat([renumbered.rows[placed], renumbered.extras]),
+                        torch.cat([slots.rows[placed], slots.extras])):
+        assert torch.equal(active[:, new], full[:, old])
+    assert active.shape == (36864, 8)
+    assert B.extras_slot(active, renumbered) == B.extras_slot(full, slots)

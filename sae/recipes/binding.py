@@ -18,8 +18,9 @@ Of the step budget T:
               placed: rows of one atom in different slots become one atom of D, and rows with no
               partner become atoms of their own, so the tied model starts where the standard one
               is. D's frame is the slot those unpartnered rows are exclusive in (one value per
-              attribute per object): of two slots the likelier, of more the one that clearly is
-              (`extras_slot`), else the search's first.
+              attribute per object), judged on a sample four times the verdicts' (COFIRE_ROWS): of
+              two slots the likelier, of more the one that clearly is (`extras_slot`), else the
+              search's first.
   3. rebind   (the rest) the caller's model starts from that D, the fitted M_s and the standard
               SAE's encoder columns, and is trained.
 
@@ -71,7 +72,12 @@ MATCH_ROWS = 1024  # the search costs ~rows² per step (~20 s at 1,024 rows): wi
 RARE_USAGE = 0.2
 EXTEND_COS = 0.7  # once the maps are known, rows are placed where cos(M a, b) reaches this (or chance's level)
 TIE_MARGIN = (0.01, 0.1)  # rebound model kept if its FVU <= standard FVU + 0.01 + 10% of it
-SAMPLE_ROWS = 16384  # activations for usage, tie cost, slot usage and the extras' slot
+SAMPLE_ROWS = 16384  # activations for usage, tie cost, slot usage and the first search's co-firing
+# activations for the extras' slot. Its evidence is row pairs that never fire together where
+# independence expects >= 2 co-activations, and rows on ~0.5% of tokens reach that only on a large
+# sample: w21 (8,000 steps) had 713 such extra-row pairs at 16,384 activations and picked the wrong
+# frame; at 65,536 it has 10,958 and picks the right one (RESULTS.md §1)
+COFIRE_ROWS = 65536
 EXCLUSIVE = 0.1  # a row pair co-firing at most this share of its independent expectation never co-fires
 # with 3+ slots the extras' slot must out-score every other slot by this factor to become D's frame.
 # Measured on the random sample (RESULTS.md §1), so those worlds do not test it independently: on the
@@ -136,7 +142,8 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     found = None if skipped else find_slots(flat, usage, active, S, seed, info)
     result = None
     if found is not None:
-        result = _rebind(model, flat, found, active, usage, x, info,
+        cofiring = _cofiring(flat, _batches(data, options, seed, COFIRE_ROWS), found)
+        result = _rebind(model, flat, found, cofiring, usage, x, info,
                          lambda: final_phase(model, steps - first, seed + 2))
         if info.get("rebind_fallback") == 0:
             return _finish(result, info, run_dir)
@@ -149,13 +156,14 @@ def _train_phases(model: BindingSAE, data, options) -> TrainResult:
     return _fall_back(model, result, info, None if skipped else usage, x, run_dir)
 
 
-def _rebind(model: BindingSAE, flat: SAE, found: Slots, active: torch.Tensor, usage: torch.Tensor,
-            x: torch.Tensor, info: dict, final_phase) -> TrainResult | None:
-    """Phases 2-3 once a map is found: D's frame, the tied start from the placed rows, its training
-    (`final_phase()`). Returns the final phase's result, kept where the tied model reconstructs like
-    the standard one (info["rebind_fallback"] = 0, else info["rebind_rejected"] = 2), or None where
-    the tied start already does not (info["rebind_rejected"] = 1)."""
-    found = reframe(found, extras_slot(active, found))
+def _rebind(model: BindingSAE, flat: SAE, found: Slots, cofiring: tuple[torch.Tensor, Slots],
+            usage: torch.Tensor, x: torch.Tensor, info: dict, final_phase) -> TrainResult | None:
+    """Phases 2-3 once a map is found: D's frame (from `cofiring`, see `_cofiring`), the tied start
+    from the placed rows, its training (`final_phase()`). Returns the final phase's result, kept
+    where the tied model reconstructs like the standard one (info["rebind_fallback"] = 0, else
+    info["rebind_rejected"] = 2), or None where the tied start already does not
+    (info["rebind_rejected"] = 1)."""
+    found = reframe(found, extras_slot(*cofiring))
     info["rebind_atoms"] = found.n_atoms
     carried = init_from_slots_(model, flat, found, usage)
     untied = _fvu(flat, x)
@@ -547,8 +555,28 @@ def _options(cfg: SAEConfig) -> dict:
 
 def _sample(data, options: dict, seed: int) -> torch.Tensor:
     """Up to SAMPLE_ROWS activations (raw units) for usage and the verdicts."""
+    return torch.cat(list(_batches(data, options, seed, SAMPLE_ROWS)))
+
+
+def _batches(data, options: dict, seed: int, n: int):
+    """Up to n activations (raw units) in batches of up to 4,096; the first SAMPLE_ROWS are `_sample`'s."""
     hook = options.get("hook") or None
     n_rows = make_store(data, batch_size=1, hook=hook).n_rows
     batch = min(4096, n_rows)
     store = make_store(data, batch_size=batch, seed=seed + 7, hook=hook)
-    return torch.cat([store.next_batch() for _ in range(max(1, min(SAMPLE_ROWS, n_rows) // batch))]).float()
+    for _ in range(max(1, min(n, n_rows) // batch)):
+        yield store.next_batch().float()
+
+
+@torch.no_grad()
+def _cofiring(flat: SAE, batches, slots: Slots) -> tuple[torch.Tensor, Slots]:
+    """(active, slots renumbered) for `extras_slot`: which of the placed and extra rows fire on each
+    activation of `batches` (only those columns, so a large sample stays small), and `slots` with its
+    rows numbered as those columns."""
+    rows = torch.cat([slots.rows[slots.rows >= 0], slots.extras]).unique()
+    active = torch.cat([(flat.encode(b.to(flat.b_dec.device)) > 0)[:, rows.to(flat.b_dec.device)].cpu()
+                        for b in batches])
+    column = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long)
+    column[rows] = torch.arange(len(rows))
+    renumbered = torch.where(slots.rows >= 0, column[slots.rows.clamp_min(0)], slots.rows)
+    return active, Slots(renumbered, slots.maps, column[slots.extras])
